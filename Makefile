@@ -1,0 +1,35 @@
+# Sluice developer entry points. Everything a test needs is installed here.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench check clean deps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+deps: $(STAMP)
+	@bash scripts/ensure-binaries.sh redis-server
+
+run: $(STAMP)
+	$(BIN)/python -m proxy.demo --rules rules.yaml
+
+test: deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+	$(BIN)/mypy
+	$(BIN)/sluice check rules.yaml $(wildcard config/*.yaml)
+
+bench: $(STAMP)
+	@bash scripts/ensure-binaries.sh redis-server nginx wrk
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,3 @@
+"""Sluice: a rate-limit and short-link edge proxy."""
+
+__version__ = "0.1.0"
