@@ -1,0 +1,462 @@
+"""rules.yaml → frozen dataclasses.
+
+Stages: compose with line numbers (``yamlsrc``) → read every section with
+typed, located getters (``confread``) → cross-check references (routes name
+existing upstreams and limits) → freeze. Every problem of a file is collected
+and raised together as one ``ConfigError``. No I/O happens after ``load``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from proxy.confread import Problems, Section, did_you_mean
+from proxy.errors import ConfigError, Problem
+from proxy.limitspec import LimitRule, read_limit
+from proxy.match import Match, read_match
+from proxy.yamlsrc import Node, parse
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
+EVENT_TYPES = (
+    "rate_limit.rejected",
+    "redirect.followed",
+    "link.created",
+    "link.deleted",
+    "storage.degraded",
+    "storage.recovered",
+    "ping",
+)
+HEADER_FAMILIES = ("x-ratelimit", "ietf")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    name: str
+    token: str
+    scope: str  # "read" | "write"
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Listen = Listen("127.0.0.1", 8001)
+    tokens: tuple[AdminToken, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    url: str = "memory://"
+    timeout: float = 0.05
+    connect_timeout: float = 1.0
+    pool_size: int = 2
+    expected_instances: int = 1
+    breaker_failures: int = 5
+    breaker_reset: float = 1.0
+    data_dir: str = "var"
+
+    @property
+    def scheme(self) -> str:
+        return self.url.split("://", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    url: str  # scheme://host:port[/base], no trailing slash
+    connect_timeout: float = 2.0
+    read_timeout: float = 30.0
+    max_connections: int = 256
+    preserve_host: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientsConfig:
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    on_missing_key: str = "anonymous"  # deny | allow | anonymous
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    families: tuple[str, ...] = HEADER_FAMILIES
+    on_allowed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    match: Match
+    upstream: str | None
+    limits: tuple[str, ...] = ()
+    kind: str = "proxy"  # proxy | decide
+    headers: HeaderPolicy = HeaderPolicy()
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectsConfig:
+    prefix: str | None = "/s/"
+    host: str | None = None
+    status: int = 302
+    limits: tuple[str, ...] = ()
+    query_passthrough: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    name: str
+    url: str
+    secrets: tuple[str, ...]
+    events: tuple[str, ...]
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationsConfig:
+    webhooks: tuple[Webhook, ...] = ()
+    aggregate: float = 10.0
+    buffer: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    max_header_size: int = 8190
+    max_body_size: int = 100 * 1024 * 1024
+    shutdown_grace: float = 10.0
+    keepalive_timeout: float = 75.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    path: str
+    sha256: str
+    loaded_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: ConfigSource
+    listen: Listen = Listen("0.0.0.0", 8000)
+    admin: AdminConfig = AdminConfig()
+    storage: StorageConfig = StorageConfig()
+    upstreams: Mapping[str, Upstream] = field(default_factory=dict)
+    clients: ClientsConfig = ClientsConfig()
+    limits: Mapping[str, LimitRule] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    redirects: RedirectsConfig | None = None
+    notifications: NotificationsConfig = NotificationsConfig()
+    server: ServerConfig = ServerConfig()
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and freeze a rules file; raise ``ConfigError`` with every problem."""
+    file = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem(file, 0, "", f"cannot read: {exc.strerror or exc}")]) from exc
+    return loads(data, file, env)
+
+
+def loads(
+    data: bytes | str, file: str = "<string>", env: Mapping[str, str] | None = None
+) -> Config:
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(file, 0, "", f"not UTF-8 text: {exc}")]) from exc
+    root, early = parse(text, file, env)
+    problems = Problems(file)
+    problems.items.extend(early)
+    if early and root.value is None:
+        raise ConfigError(problems.items)
+    source = ConfigSource(file, hashlib.sha256(raw).hexdigest(), time.time())
+    config = _build(Section(root, "", problems), source)
+    if problems.items:
+        raise ConfigError(sorted(problems.items, key=lambda p: p.line))
+    return config
+
+
+def _listen(sec: Section, key: str, default: Listen) -> Listen:
+    def check(v: object) -> Listen:
+        text = str(v)
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, got {text!r}")
+        host = host.strip("[]") or "0.0.0.0"
+        return Listen(host, int(port))
+
+    return sec.convert(key, default, check)
+
+
+def _url(value: object, schemes: tuple[str, ...]) -> str:
+    text = str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(
+            f"expected an absolute URL with scheme {' or '.join(schemes)}, got {text!r}"
+        )
+    try:
+        parts.port  # noqa: B018  (validates the port)
+    except ValueError as exc:
+        raise ValueError(f"bad port in {text!r}") from exc
+    return text.rstrip("/")
+
+
+def _build(top: Section, source: ConfigSource) -> Config:
+    problems = top.problems
+    listen = _listen(top, "listen", Listen("0.0.0.0", 8000))
+    admin = _admin(top.section("admin"))
+    storage = _storage(top.section("storage"))
+    upstreams = {name: _upstream(name, sec) for name, sec in top.mapping_of_sections("upstreams")}
+    clients = _clients(top.section("clients"))
+    limits: dict[str, LimitRule] = {}
+    for i, sec in enumerate(top.list_of_sections("limits")):
+        rule = read_limit(sec)
+        if rule is None:
+            continue
+        if rule.name in limits:
+            sec.error("name", f"duplicate limit name {rule.name!r}")
+        limits[rule.name] = rule
+        del i
+    server = _server(top.section("server"))
+    routes = tuple(
+        _route(i, sec, upstreams, limits) for i, sec in enumerate(top.list_of_sections("routes"))
+    )
+    redirects = _redirects(top.section("redirects"), limits) if top.has("redirects") else None
+    notifications = _notifications(top.section("notifications"))
+    top.finish()
+    if admin.listen == listen:
+        problems.add(top.line_of("admin"), "admin.listen", "must differ from listen")
+    return Config(
+        source=source,
+        listen=listen,
+        admin=admin,
+        storage=storage,
+        upstreams=upstreams,
+        clients=clients,
+        limits=limits,
+        routes=routes,
+        redirects=redirects,
+        notifications=notifications,
+        server=server,
+    )
+
+
+def _admin(sec: Section) -> AdminConfig:
+    listen = _listen(sec, "listen", AdminConfig().listen)
+    tokens: list[AdminToken] = []
+    single = sec.string("token")
+    if single:
+        tokens.append(AdminToken("admin", single, "write"))
+    for item in sec.list_of_sections("tokens"):
+        name = item.string("name", required=True)
+        token = item.string("token", required=True)
+        scope = item.choice("scope", ("read", "write"), "read")
+        item.finish()
+        if name and token:
+            if len(token) < 16:
+                item.error("token", "too short: use at least 16 characters")
+            tokens.append(AdminToken(name, token, scope))
+    sec.finish()
+    return AdminConfig(listen, tuple(tokens))
+
+
+def _storage(sec: Section) -> StorageConfig:
+    def check_url(v: object) -> str:
+        text = str(v)
+        scheme = text.split("://", 1)[0] if "://" in text else ""
+        if scheme not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"unsupported storage URL {text!r} (schemes: {', '.join(STORAGE_SCHEMES)})"
+                + did_you_mean(scheme, STORAGE_SCHEMES)
+            )
+        return text
+
+    d = StorageConfig()
+    out = StorageConfig(
+        url=sec.convert("url", d.url, check_url),
+        timeout=sec.duration("timeout", d.timeout),
+        connect_timeout=sec.duration("connect_timeout", d.connect_timeout),
+        pool_size=sec.integer("pool_size", d.pool_size, minimum=1),
+        expected_instances=sec.integer("expected_instances", d.expected_instances, minimum=1),
+        breaker_failures=sec.integer("breaker_failures", d.breaker_failures, minimum=1),
+        breaker_reset=sec.duration("breaker_reset", d.breaker_reset),
+        data_dir=sec.string("data_dir", d.data_dir),
+    )
+    sec.finish()
+    return out
+
+
+def _upstream(name: str, sec: Section) -> Upstream:
+    if isinstance(sec.node.value, str):  # shorthand: `api: http://127.0.0.1:9000`
+        try:
+            return Upstream(name, _url(sec.node.value, ("http", "https")))
+        except ValueError as exc:
+            sec.problems.add(sec.node, sec.path, str(exc))
+            return Upstream(name, "http://invalid")
+    d = Upstream(name, "")
+    out = Upstream(
+        name=name,
+        url=sec.convert(
+            "url", "http://invalid", lambda v: _url(v, ("http", "https")), required=True
+        ),
+        connect_timeout=sec.duration("connect_timeout", d.connect_timeout),
+        read_timeout=sec.duration("read_timeout", d.read_timeout),
+        max_connections=sec.integer("max_connections", d.max_connections, minimum=1),
+        preserve_host=sec.boolean("preserve_host", d.preserve_host),
+    )
+    sec.finish()
+    return out
+
+
+def _clients(sec: Section) -> ClientsConfig:
+    nets: list[IPNetwork] = []
+    for i, text in enumerate(sec.str_list("trusted_proxies")):
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            sec.problems.add(
+                sec.line_of("trusted_proxies"),
+                f"{sec.path}.trusted_proxies[{i}]",
+                f"not an IP address or CIDR: {text!r}",
+            )
+    out = ClientsConfig(
+        trusted_proxies=tuple(nets),
+        on_missing_key=sec.choice("on_missing_key", ("deny", "allow", "anonymous"), "anonymous"),
+    )
+    sec.finish()
+    return out
+
+
+def _names(sec: Section, key: str, known: Mapping[str, object], what: str) -> tuple[str, ...]:
+    names = sec.str_list(key)
+    for i, name in enumerate(names):
+        if name not in known:
+            listing = ", ".join(sorted(known)) or "none defined"
+            sec.problems.add(
+                sec.line_of(key),
+                f"{sec.key_path(key)}[{i}]" if len(names) > 1 else sec.key_path(key),
+                f"unknown {what} {name!r} (known: {listing})" + did_you_mean(name, known),
+            )
+    return names
+
+
+def _route(
+    i: int, sec: Section, upstreams: Mapping[str, Upstream], limits: Mapping[str, LimitRule]
+) -> Route:
+    kind = sec.choice("kind", ("proxy", "decide"), "proxy")
+    upstream = sec.string("upstream")
+    if upstream is not None and upstream not in upstreams:
+        listing = ", ".join(sorted(upstreams)) or "none defined"
+        sec.error(
+            "upstream",
+            f"unknown upstream {upstream!r} (known: {listing})" + did_you_mean(upstream, upstreams),
+        )
+    if kind == "proxy" and upstream is None and sec.ok:
+        sec.problems.add(sec.node, sec.key_path("upstream"), "required key is missing")
+    hsec = sec.section("rate_limit_headers")
+    headers = HeaderPolicy()
+    if hsec.ok:
+        families = hsec.str_list("families", HEADER_FAMILIES)
+        for fam in families:
+            if fam not in HEADER_FAMILIES:
+                hsec.error(
+                    "families", f"unknown header family {fam!r} (expected: x-ratelimit, ietf)"
+                )
+        headers = HeaderPolicy(families, hsec.boolean("on_allowed", True))
+        hsec.finish()
+    match = read_match(sec.section("match")) if sec.has("match") else Match()
+    route = Route(
+        name=sec.string("name", f"route{i}"),
+        match=match,
+        upstream=upstream,
+        limits=_names(sec, "limits", limits, "limit"),
+        kind=kind,
+        headers=headers,
+        line=sec.node.line,
+    )
+    sec.finish()
+    return route
+
+
+def _redirects(sec: Section, limits: Mapping[str, LimitRule]) -> RedirectsConfig:
+    prefix = sec.string("prefix", None if sec.has("host") else "/s/")
+    if prefix is not None and not (prefix.startswith("/") and prefix.endswith("/")):
+        sec.error("prefix", f"must start and end with '/', got {prefix!r}")
+    out = RedirectsConfig(
+        prefix=prefix,
+        host=sec.string("host"),
+        status=sec.convert("status", 302, _redirect_status),
+        limits=_names(sec, "limits", limits, "limit"),
+        query_passthrough=sec.boolean("query_passthrough", False),
+    )
+    sec.finish()
+    return out
+
+
+def _redirect_status(v: object) -> int:
+    if v not in (301, 302, 307, 308):
+        raise ValueError(f"expected 301, 302, 307 or 308, got {v!r}")
+    return int(v)  # type: ignore[call-overload,unused-ignore]
+
+
+def _notifications(sec: Section) -> NotificationsConfig:
+    hooks: list[Webhook] = []
+    for i, item in enumerate(sec.list_of_sections("webhooks")):
+        events = item.str_list("events", ("*",))
+        for ev in events:
+            if ev != "*" and ev not in EVENT_TYPES:
+                item.error("events", f"unknown event type {ev!r}" + did_you_mean(ev, EVENT_TYPES))
+        secrets = item.str_list("secrets") or item.str_list("secret")
+        hooks.append(
+            Webhook(
+                name=item.string("name", f"webhook{i}"),
+                url=item.convert(
+                    "url", "http://invalid", lambda v: _url(v, ("http", "https")), required=True
+                ),
+                secrets=secrets,
+                events=events,
+                timeout=item.duration("timeout", 5.0),
+            )
+        )
+        if not secrets and item.ok:
+            item.problems.add(item.node, item.key_path("secret"), "required key is missing")
+        item.finish("secret", "secrets")
+    out = NotificationsConfig(
+        webhooks=tuple(hooks),
+        aggregate=sec.duration("aggregate", 10.0),
+        buffer=sec.integer("buffer", 10000, minimum=1),
+    )
+    sec.finish()
+    return out
+
+
+def _server(sec: Section) -> ServerConfig:
+    d = ServerConfig()
+    out = ServerConfig(
+        max_header_size=sec.size("max_header_size", d.max_header_size),
+        max_body_size=sec.size("max_body_size", d.max_body_size),
+        shutdown_grace=sec.duration("shutdown_grace", d.shutdown_grace),
+        keepalive_timeout=sec.duration("keepalive_timeout", d.keepalive_timeout),
+    )
+    sec.finish()
+    return out
+
+
+__all__ = ["Config", "ConfigError", "Node", "load", "loads"]

@@ -1,0 +1,156 @@
+"""One Prometheus registry per worker, with a fixed vocabulary.
+
+Label values are bounded: route and rule names come from the config, methods
+are folded to a known set, statuses to their class. Never a client key.
+
+With several workers the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before
+any worker imports prometheus_client; each worker then writes its values to
+files there and ``/metrics`` on any worker adds all of them up.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+from proxy import __version__
+
+disable_created_metrics()
+
+METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+STORAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "OTHER"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """Every metric Sluice exports; created once per worker."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "sluice_requests",
+            "Requests answered on the main listener.",
+            ["route", "method", "status_class"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "sluice_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "sluice_upstream_errors",
+            "Upstream failures answered with 502/504.",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "sluice_requests_in_flight",
+            "Requests being handled on the main listener.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.reloads = Counter(
+            "sluice_config_reloads", "Configuration reloads by result.", ["result"], registry=r
+        )
+        self.config_loaded = Gauge(
+            "sluice_config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.config_ok = Gauge(
+            "sluice_config_last_reload_successful",
+            "1 if the last reload attempt succeeded, 0 if the last good config is still serving.",
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.build_info = Gauge(
+            "sluice_build_info",
+            "Sluice version.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__).set(1)
+        self.config_ok.set(1)
+        self.decisions = Counter(
+            "sluice_ratelimit_decisions",
+            "Rate-limit decisions by rule and result.",
+            ["rule", "result"],
+            registry=r,
+        )
+        self.storage_latency = Histogram(
+            "sluice_storage_latency_seconds",
+            "Storage call latency.",
+            ["op"],
+            buckets=STORAGE_BUCKETS,
+            registry=r,
+        )
+        self.storage_errors = Counter(
+            "sluice_storage_errors", "Storage failures by kind.", ["kind"], registry=r
+        )
+        self.breaker_open = Gauge(
+            "sluice_storage_breaker_open",
+            "1 while the storage circuit breaker is open.",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.deny_cache_hits = Counter(
+            "sluice_ratelimit_deny_cache_hits",
+            "Requests denied from the local deny cache without a storage call.",
+            ["rule"],
+            registry=r,
+        )
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text to serve on /metrics: this worker's, or all workers' added up."""
+        directory = multiprocess_dir()
+        if directory:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=directory)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

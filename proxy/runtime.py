@@ -1,0 +1,113 @@
+"""What one worker serves with, and how a new config replaces the old one.
+
+A ``Snapshot`` is immutable: the frozen config plus everything derived from
+it (router, upstream clients). A request reads ``runtime.snapshot`` once and
+uses that object to the end, so a reload never changes a request mid-flight.
+Reload builds the next snapshot off to the side and swaps one reference; a
+file that fails validation changes nothing but the reported error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy import config as configmod
+from proxy.config import Config, Upstream
+from proxy.errors import ConfigError
+from proxy.forward import UpstreamClient
+from proxy.metrics import Metrics
+from proxy.routing import Router
+
+log = logging.getLogger("sluice.runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    config: Config
+    router: Router
+    upstreams: dict[str, UpstreamClient]
+
+    def trusted(self, peer: str | None) -> bool:
+        if not peer or not self.config.clients.trusted_proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self.config.clients.trusted_proxies)
+
+
+class Runtime:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
+        self.path = Path(config.source.path)
+        self.snapshot = self._build(config, {})
+        self.reload_error: str | None = None
+        self.reload_error_at: float | None = None
+        self.metrics.config_loaded.set(config.source.loaded_at)
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def _build(self, config: Config, current: dict[str, UpstreamClient]) -> Snapshot:
+        clients: dict[str, UpstreamClient] = {}
+        for name, upstream in config.upstreams.items():
+            old = current.get(name)
+            clients[name] = old if old and old.upstream == upstream else self._client(upstream)
+        return Snapshot(config, Router(config.routes), clients)
+
+    def _client(self, upstream: Upstream) -> UpstreamClient:
+        return UpstreamClient(upstream, self.metrics)
+
+    def reload(self) -> bool:
+        """Load the file again; keep serving the last good config if it is bad."""
+        try:
+            new = configmod.load(self.path)
+        except ConfigError as exc:
+            self.reload_error = str(exc)
+            self.reload_error_at = time.time()
+            self.metrics.reloads.labels("failed").inc()
+            self.metrics.config_ok.set(0)
+            log.error(
+                "reload of %s failed; the last good config keeps serving:\n%s", self.path, exc
+            )
+            return False
+        old = self.snapshot
+        if new.source.sha256 == old.config.source.sha256:
+            self.reload_error = None
+            self.metrics.config_ok.set(1)
+            return True
+        for what in ("listen", "admin"):
+            if getattr(new, what) != getattr(old.config, what):
+                log.warning("%s changed in %s: listeners change only on restart", what, self.path)
+        self.snapshot = self._build(new, old.upstreams)
+        self.reload_error = None
+        self.metrics.reloads.labels("ok").inc()
+        self.metrics.config_ok.set(1)
+        self.metrics.config_loaded.set(new.source.loaded_at)
+        log.info("reloaded %s (sha256 %s)", self.path, new.source.sha256[:12])
+        kept = set(map(id, self.snapshot.upstreams.values()))
+        stale = [c for c in old.upstreams.values() if id(c) not in kept]
+        if stale:
+            task = asyncio.get_running_loop().create_task(
+                self._retire(stale, new.server.shutdown_grace)
+            )
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return True
+
+    async def _retire(self, clients: list[UpstreamClient], grace: float) -> None:
+        """Close replaced upstream pools once requests already using them are done."""
+        await asyncio.sleep(grace)
+        for client in clients:
+            await client.close()
+
+    async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        await asyncio.gather(*self._retired, return_exceptions=True)
+        for client in self.snapshot.upstreams.values():
+            await client.close()

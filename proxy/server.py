@@ -1,0 +1,64 @@
+"""The main listener: route, (limit), forward.
+
+A low-level ``aiohttp.web.Server`` with one handler: Sluice adds no paths of
+its own to the main listener, so the URL dispatcher would only cost time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from proxy.metrics import method_label, status_class
+from proxy.replies import json_error
+from proxy.runtime import Runtime
+
+log = logging.getLogger("sluice.server")
+
+
+class MainHandler:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.in_flight = 0
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        snap = self.runtime.snapshot
+        metrics = self.runtime.metrics
+        route = snap.router.route_for(request.method, request.path, request.host, request.headers)
+        route_name = route.name if route else "none"
+        status = 500
+        self.in_flight += 1
+        metrics.in_flight.inc()
+        try:
+            if route is None:
+                response: web.StreamResponse = json_error(
+                    404, "no_route", f"no route matches {request.method} {request.path}"
+                )
+            elif route.upstream is None:
+                response = json_error(404, "no_upstream", f"route {route.name} forwards nowhere")
+            else:
+                client = snap.upstreams[route.upstream]
+                response = await client.forward(
+                    request, snap.trusted(request.remote), snap.config.server.max_body_size
+                )
+            status = response.status
+            return response
+        finally:
+            self.in_flight -= 1
+            metrics.in_flight.dec()
+            metrics.requests.labels(
+                route_name, method_label(request.method), status_class(status)
+            ).inc()
+
+
+def make_server(runtime: Runtime) -> web.Server:
+    cfg = runtime.snapshot.config.server
+    return web.Server(
+        MainHandler(runtime),
+        handler_cancellation=True,  # a client that goes away cancels its upstream request
+        max_line_size=cfg.max_header_size,
+        max_field_size=cfg.max_header_size,
+        keepalive_timeout=cfg.keepalive_timeout,
+        access_log=None,
+    )

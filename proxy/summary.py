@@ -1,0 +1,71 @@
+"""The one-screen summary ``sluice check`` prints for a valid rules file."""
+
+from __future__ import annotations
+
+from proxy.config import Config
+from proxy.limitspec import LimitRule
+from proxy.match import Match
+
+
+def _seconds(value: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if value >= size and value % size == 0:
+            return f"{int(value // size)}{unit}"
+    return f"{value * 1000:g}ms" if value < 1 else f"{value:g}s"
+
+
+def describe_match(match: Match) -> str:
+    parts = []
+    if match.methods:
+        parts.append(",".join(sorted(match.methods)))
+    if match.host:
+        parts.append(f"host={match.host}")
+    if match.path is not None:
+        parts.append(f"path={match.path}")
+    if match.path_prefix is not None:
+        parts.append(f"prefix={match.path_prefix}")
+    if match.path_regex is not None:
+        parts.append(f"regex={match.path_regex.pattern}")
+    parts.extend(f"header {n}" + (f"={v}" if v is not None else "") for n, v in match.headers)
+    return " ".join(parts) or "everything"
+
+
+def describe_limit(rule: LimitRule) -> str:
+    if rule.algorithm == "token_bucket":
+        q = rule.quotas[0] if rule.quotas else None
+        amount = f"capacity {q.limit}, refill {q.limit / q.window:g}/s" if q else "?"
+    else:
+        amount = ", ".join(f"{q.limit}/{_seconds(q.window)}" for q in rule.quotas)
+        if rule.burst:
+            amount += f" burst {rule.burst}"
+    cost = f" cost {(rule.cost_header and 'header:' + rule.cost_header) or rule.cost}"
+    flags = " shadow" if rule.shadow else ""
+    return (
+        f"{rule.name}: {rule.algorithm} {amount} by [{rule.key}]"
+        f"{cost if cost != ' cost 1' else ''}{flags}, storage down → {rule.on_storage_error}"
+    )
+
+
+def summarize(config: Config) -> str:
+    lines = [f"{config.source.path}: OK (sha256 {config.source.sha256[:12]})"]
+    lines.append(
+        f"  listen {config.listen}, admin {config.admin.listen} "
+        f"({len(config.admin.tokens)} token(s)), storage {config.storage.url}"
+    )
+    lines.append(f"  upstreams ({len(config.upstreams)}):")
+    lines += [f"    {u.name}: {u.url}" for u in config.upstreams.values()]
+    lines.append(f"  limits ({len(config.limits)}):")
+    lines += [f"    {describe_limit(rule)}" for rule in config.limits.values()]
+    lines.append(f"  routes ({len(config.routes)}, first match wins):")
+    for route in config.routes:
+        target = f"→ {route.upstream}" if route.kind == "proxy" else "→ decide"
+        rules = ", ".join(route.limits) or "no limits"
+        lines.append(f"    {route.name}: {describe_match(route.match)} {target} [{rules}]")
+    if config.redirects:
+        r = config.redirects
+        where = f"host {r.host}" if r.host else f"prefix {r.prefix}"
+        lines.append(f"  redirects: {where}, status {r.status}, limits [{', '.join(r.limits)}]")
+    hooks = config.notifications.webhooks
+    lines.append(f"  webhooks ({len(hooks)}):")
+    lines += [f"    {h.name}: {h.url} events {', '.join(h.events)}" for h in hooks]
+    return "\n".join(lines)
