@@ -10,9 +10,20 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from proxy import __version__
 from proxy.config import Config, load
 from proxy.errors import ConfigError
+
+
+class _DropBadRequests(logging.Filter):
+    """aiohttp logs a traceback for every malformed request a client sends; a client's
+    bad bytes are answered with 400 and are not worth a traceback in the operator's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
 
 
 def setup_logging(level: str | None) -> None:
@@ -22,6 +33,7 @@ def setup_logging(level: str | None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("aiohttp.server").addFilter(_DropBadRequests())
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:

@@ -223,7 +223,10 @@ def _build(top: Section, source: ConfigSource) -> Config:
     listen = _listen(top, "listen", Listen("0.0.0.0", 8000))
     admin = _admin(top.section("admin"))
     storage = _storage(top.section("storage"))
-    upstreams = {name: _upstream(name, sec) for name, sec in top.mapping_of_sections("upstreams")}
+    upstreams = {
+        name: _upstream(name, sec)
+        for name, sec in top.mapping_of_sections("upstreams", scalar_ok=True)
+    }
     clients = _clients(top.section("clients"))
     limits: dict[str, LimitRule] = {}
     for i, sec in enumerate(top.list_of_sections("limits")):

@@ -86,13 +86,14 @@ def _type_name(value: Any) -> str:
 class Section:
     """One YAML mapping being read into a dataclass."""
 
-    def __init__(self, node: Node, path: str, problems: Problems) -> None:
+    def __init__(self, node: Node, path: str, problems: Problems, scalar_ok: bool = False) -> None:
         self.node = node
         self.path = path
         self.problems = problems
         self.ok = isinstance(node.value, dict)
         self.items: dict[str, Node] = node.value if self.ok else {}
-        if not self.ok and node.value is not None:
+        scalar = not isinstance(node.value, list | dict)
+        if not self.ok and node.value is not None and not (scalar_ok and scalar):
             problems.add(
                 node, path or "(top level)", f"expected a mapping, got {_type_name(node.value)}"
             )
@@ -229,7 +230,7 @@ class Section:
             for i, item in enumerate(node.value)
         ]
 
-    def mapping_of_sections(self, key: str) -> list[tuple[str, Section]]:
+    def mapping_of_sections(self, key: str, scalar_ok: bool = False) -> list[tuple[str, Section]]:
         node = self.node_of(key)
         if node is None or node.value is None:
             return []
@@ -239,7 +240,7 @@ class Section:
             )
             return []
         return [
-            (name, Section(item, f"{self.key_path(key)}.{name}", self.problems))
+            (name, Section(item, f"{self.key_path(key)}.{name}", self.problems, scalar_ok))
             for name, item in node.value.items()
         ]
 

@@ -125,7 +125,7 @@ class UpstreamClient:
             return json_error(413, "payload_too_large", f"request body over {max_body} bytes")
         headers = upstream_headers(request, self.upstream, trusted_peer)
         has_body = request.body_exists
-        body = _limited(request.content, max_body) if has_body else None
+        body = LimitedBody(request.content, max_body) if has_body else None
         url = self.url_for(request)
         started = time.perf_counter()
         for attempt in (1, 2):
@@ -156,6 +156,10 @@ class UpstreamClient:
                     502, "upstream_unreachable", f"cannot connect to upstream: {exc.os_error}"
                 )
             except (aiohttp.ClientError, OSError) as exc:
+                if body is not None and body.exceeded:
+                    return json_error(
+                        413, "payload_too_large", f"request body over {max_body} bytes"
+                    )
                 return self._failure(
                     502, "upstream_error", f"upstream failed: {type(exc).__name__}"
                 )
@@ -257,10 +261,23 @@ class UpstreamClient:
         return client_ws
 
 
-async def _limited(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    seen = 0
-    async for chunk in stream.iter_chunked(CHUNK):
-        seen += len(chunk)
-        if seen > limit:
-            raise BodyTooLarge
-        yield chunk
+class LimitedBody:
+    """The request body as an async iterator that stops past ``limit`` bytes.
+
+    aiohttp's client wraps whatever the body iterator raises into a connection
+    error, so the overflow is also recorded here for the caller to tell apart.
+    """
+
+    def __init__(self, stream: aiohttp.StreamReader, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.seen = 0
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream.iter_chunked(CHUNK):
+            self.seen += len(chunk)
+            if self.seen > self.limit:
+                self.exceeded = True
+                raise BodyTooLarge
+            yield chunk

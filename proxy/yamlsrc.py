@@ -127,6 +127,8 @@ def parse(text: str, file: str, env: Mapping[str, str] | None = None) -> tuple[N
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
         message = f"invalid YAML: {exc.problem or exc.context}"
+        if exc.context and exc.context_mark and exc.problem:
+            message += f" ({exc.context} from line {exc.context_mark.line + 1})"
         return Node(None, line), [Problem(file, line, "", message)]
     except yaml.YAMLError as exc:
         return Node(None, 0), [Problem(file, 0, "", f"invalid YAML: {exc}")]
