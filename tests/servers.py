@@ -37,7 +37,8 @@ def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> 
 
 
 def binary(name: str) -> str:
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    sbin = f"/usr/sbin/{name}"
+    found = shutil.which(name) or (sbin if os.path.exists(sbin) else None)
     if not found:
         raise RuntimeError(f"{name} not found; run 'make test' (it installs it) or install it")
     return found

@@ -185,7 +185,7 @@ async def test_upstream_timeout_is_504_on_time(
 async def test_client_disconnect_cancels_upstream_request(
     sluice: Sluice, upstream: TestServer
 ) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", sluice.config.listen.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", sluice.config.listen.port)
     writer.write(b"GET /wait-cancel HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
     await asyncio.sleep(0.2)
