@@ -1,0 +1,65 @@
+-- Driver. KEYS[i]: the key of check i (distinct). ARGV[1]: now in ms, or ''
+-- for Redis TIME. ARGV[2]: 'check' or 'refund'. Then per check: algorithm
+-- code (1..5), cost, limit, window_ms, burst, and in refund mode the token.
+-- Check mode is all-or-nothing: every check is evaluated before anything is
+-- written, and only if all allow are their states written. Refund mode undoes
+-- each check's consume and reports its standing as a cost-0 check.
+-- Reply, per check: allowed (0/1), remaining, reset_ms, retry_after_ms (as
+-- '%.17g' strings), token ('' unless the call consumed).
+local ALGORITHMS = {
+  fixed_window, sliding_window_log, sliding_window_counter, token_bucket, gcra,
+}
+
+local now
+if ARGV[1] == '' then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+else
+  now = math.floor(tonumber(ARGV[1]) * 1000 + 0.5)
+end
+local refunding = ARGV[2] == 'refund'
+if not refunding and ARGV[2] ~= 'check' then
+  return redis.error_reply('ERR sluice: mode must be check or refund')
+end
+local width = 5
+if refunding then width = 6 end
+if #ARGV ~= 2 + width * #KEYS then
+  return redis.error_reply('ERR sluice: expected ' .. width .. ' arguments per key')
+end
+
+local seen, checks, admitted = {}, {}, true
+for i, key in ipairs(KEYS) do
+  if seen[key] then return redis.error_reply('ERR sluice: duplicate key ' .. key) end
+  seen[key] = true
+  local at = 2 + (i - 1) * width
+  local algorithm = ALGORITHMS[tonumber(ARGV[at + 1])]
+  if algorithm == nil then return redis.error_reply('ERR sluice: bad algorithm code') end
+  local cost, limit = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  local window = math.floor(tonumber(ARGV[at + 4]) * 1000 + 0.5)
+  local burst = tonumber(ARGV[at + 5])
+  if refunding then
+    algorithm.refund(key, now, cost, limit, window, burst, ARGV[at + 6])
+    cost = 0
+  end
+  local v = algorithm.check(key, now, cost, limit, window, burst)
+  v.algorithm = algorithm
+  checks[i] = v
+  admitted = admitted and v.allowed
+end
+
+if admitted and not refunding then
+  for i, key in ipairs(KEYS) do checks[i].algorithm.commit(key, checks[i]) end
+end
+
+local reply = {}
+for _, v in ipairs(checks) do
+  local allowed, token = 0, ''
+  if v.allowed then allowed = 1 end
+  if admitted and not refunding then token = v.token end
+  reply[#reply + 1] = allowed
+  reply[#reply + 1] = math.max(0, v.remaining)
+  reply[#reply + 1] = fmt(v.reset / 1000)
+  reply[#reply + 1] = fmt(v.retry / 1000)
+  reply[#reply + 1] = token
+end
+return reply

@@ -1,0 +1,21 @@
+-- Sluice rate-limit script. scripts.py concatenates: common.lua, the five
+-- algorithm files, check.lua (the driver). Each algorithm is a table with
+--   check(key, now, cost, limit, window, burst) -> verdict (reads only)
+--   commit(key, verdict)                        -> writes the admitted state
+--   refund(key, now, cost, limit, window, burst, token) -> undoes one consume
+-- and mirrors proxy/limits/algorithms.py operation for operation. Times are
+-- whole microseconds held in doubles, exact below 2^53.
+
+-- A number as text that reads back as the same double (tostring keeps 14 digits).
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local function verdict(allowed, remaining, reset, retry, token)
+  return {allowed = allowed, remaining = remaining, reset = reset, retry = retry, token = token}
+end
+
+-- Every written key expires once its state has become equivalent to no state.
+local function expire(key, ttl_us)
+  redis.call('PEXPIRE', key, math.max(1, math.ceil(ttl_us / 1000)))
+end

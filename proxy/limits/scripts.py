@@ -1,0 +1,118 @@
+"""The Redis twin of :mod:`proxy.limits.algorithms`: one Lua script, its SHA,
+and the pure encoding of its arguments and reply (no I/O here).
+
+The script is ``lua/common.lua``, the five algorithm files and ``lua/check.lua``
+(the driver) concatenated, so one EVALSHA decides all of a request's checks.
+Calling convention (see ``check.lua``)::
+
+    EVALSHA CHECK_SHA <n> key_1 .. key_n  <now_ms | ''> <'check' | 'refund'>
+            then per check: code cost limit window_ms burst [token]
+
+``now`` is '' in production (the script reads Redis ``TIME``, so proxies with
+skewed clocks agree); tests pass an explicit time. The keys must be distinct and
+each must belong to one algorithm only (its Redis type differs per algorithm).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib.resources import files
+
+from proxy.limits.algorithms import ALGORITHMS, Outcome, Policy
+
+ALGORITHM_CODES: dict[str, int] = {name: code for code, name in enumerate(ALGORITHMS, start=1)}
+CHECK_FIELDS = 5  # per check in check mode; refund mode adds the token
+REPLY_FIELDS = 5  # per check: allowed, remaining, reset_ms, retry_after_ms, token
+
+_PARTS = ("common", *ALGORITHMS, "check")
+
+
+def _source() -> bytes:
+    lua = files("proxy.limits") / "lua"
+    return b"\n".join((lua / f"{name}.lua").read_bytes() for name in _PARTS)
+
+
+CHECK_SCRIPT: bytes = _source()
+CHECK_SHA: str = hashlib.sha1(CHECK_SCRIPT).hexdigest()
+
+
+def _now_arg(now_ms: float | None) -> str:
+    return "" if now_ms is None else repr(float(now_ms))
+
+
+def _policy_args(policy: Policy, cost: int) -> list[str]:
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+        raise ValueError(f"cost must be an integer >= 1, got {cost!r}")
+    return [
+        str(ALGORITHM_CODES[policy.algorithm]),
+        str(cost),
+        str(policy.limit),
+        repr(float(policy.window_ms)),
+        str(policy.burst),
+    ]
+
+
+def check_args(
+    policies: Sequence[Policy], costs: Sequence[int], now_ms: float | None = None
+) -> list[str]:
+    """ARGV for one all-or-nothing check of ``policies`` (KEYS in the same order).
+
+    ``now_ms`` None means the script uses Redis ``TIME`` (production).
+    """
+    if len(policies) != len(costs):
+        raise ValueError("policies and costs must have the same length")
+    args = [_now_arg(now_ms), "check"]
+    for policy, cost in zip(policies, costs, strict=True):
+        args += _policy_args(policy, cost)
+    return args
+
+
+def refund_args(
+    policies: Sequence[Policy],
+    costs: Sequence[int],
+    tokens: Sequence[str],
+    now_ms: float | None = None,
+) -> list[str]:
+    """ARGV that undoes one admitted check of ``policies`` with these ``costs``.
+
+    ``tokens`` are the ones that check's reply returned, in the same order.
+    """
+    if not len(policies) == len(costs) == len(tokens):
+        raise ValueError("policies, costs and tokens must have the same length")
+    args = [_now_arg(now_ms), "refund"]
+    for policy, cost, token in zip(policies, costs, tokens, strict=True):
+        args += [*_policy_args(policy, cost), token]
+    return args
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
+
+
+def decode_reply(policies: Sequence[Policy], reply: object) -> tuple[list[Outcome], list[str]]:
+    """The script's flat reply as one :class:`Outcome` and one token per check.
+
+    Accepts what redis-py returns with or without ``decode_responses``. In
+    refund mode the outcomes describe each key's standing after the refund (as
+    a cost-0 check) and the tokens are empty.
+    """
+    if not isinstance(reply, list | tuple) or len(reply) != REPLY_FIELDS * len(policies):
+        raise ValueError(f"unexpected reply for {len(policies)} checks: {reply!r}")
+    outcomes: list[Outcome] = []
+    tokens: list[str] = []
+    for i, policy in enumerate(policies):
+        allowed, remaining, reset, retry, token = reply[i * REPLY_FIELDS : (i + 1) * REPLY_FIELDS]
+        outcomes.append(
+            Outcome(
+                allowed=int(_text(allowed)) == 1,
+                limit=policy.limit,
+                remaining=int(_text(remaining)),
+                reset_ms=float(_text(reset)),
+                retry_after_ms=float(_text(retry)),
+            )
+        )
+        tokens.append(_text(token))
+    return outcomes, tokens
