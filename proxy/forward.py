@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -116,8 +116,13 @@ class UpstreamClient:
         return URL(self.base + request.raw_path, encoded=True)
 
     async def forward(
-        self, request: web.BaseRequest, trusted_peer: bool, max_body: int
+        self,
+        request: web.BaseRequest,
+        trusted_peer: bool,
+        max_body: int,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
+        """Send ``request`` upstream and stream the answer back (``extra_headers`` added)."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request, trusted_peer)
         length = request.content_length
@@ -167,15 +172,20 @@ class UpstreamClient:
             raise AssertionError
         self._latency.observe(time.perf_counter() - started)
         try:
-            return await self._relay(request, upstream_response)
+            return await self._relay(request, upstream_response, extra_headers)
         finally:
             upstream_response.release()
 
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        extra_headers: Mapping[str, str] | None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(end_to_end(upstream.headers))
+        if extra_headers:
+            response.headers.update(extra_headers)
         via = upstream.headers.get("Via")
         response.headers["Via"] = f"{via}, {VIA}" if via else VIA
         await response.prepare(request)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from proxy.confread import Section
+
+
+class HeaderLookup(Protocol):
+    def get(self, key: str, /) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +24,7 @@ class Match:
     host: str | None = None
     headers: tuple[tuple[str, str | None], ...] = ()  # (name, required value or None = present)
 
-    def matches(self, method: str, path: str, host: str, headers: Mapping[str, str]) -> bool:
+    def matches(self, method: str, path: str, host: str, headers: HeaderLookup) -> bool:
         if self.path_prefix is not None and not path.startswith(self.path_prefix):
             return False
         if self.path is not None and path != self.path:

@@ -20,8 +20,11 @@ from proxy import config as configmod
 from proxy.config import Config, Upstream
 from proxy.errors import ConfigError
 from proxy.forward import UpstreamClient
+from proxy.limits.engine import Limiter, RulePlan, plan_rules
+from proxy.limits.store import LimitStore
 from proxy.metrics import Metrics
 from proxy.routing import Router
+from proxy.storage.factory import open_limit_store
 
 log = logging.getLogger("sluice.runtime")
 
@@ -31,6 +34,7 @@ class Snapshot:
     config: Config
     router: Router
     upstreams: dict[str, UpstreamClient]
+    plans: dict[str, RulePlan]
 
     def trusted(self, peer: str | None) -> bool:
         if not peer or not self.config.clients.trusted_proxies:
@@ -43,9 +47,14 @@ class Snapshot:
 
 
 class Runtime:
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, metrics: Metrics | None = None, store: LimitStore | None = None
+    ) -> None:
         self.metrics = metrics or Metrics()
         self.path = Path(config.source.path)
+        self.limiter = Limiter(
+            store or open_limit_store(config.storage), config.storage, self.metrics
+        )
         self.snapshot = self._build(config, {})
         self.reload_error: str | None = None
         self.reload_error_at: float | None = None
@@ -57,7 +66,9 @@ class Runtime:
         for name, upstream in config.upstreams.items():
             old = current.get(name)
             clients[name] = old if old and old.upstream == upstream else self._client(upstream)
-        return Snapshot(config, Router(config.routes), clients)
+        return Snapshot(
+            config, Router(config.routes), clients, plan_rules(config.limits, config.storage)
+        )
 
     def _client(self, upstream: Upstream) -> UpstreamClient:
         return UpstreamClient(upstream, self.metrics)
@@ -80,9 +91,13 @@ class Runtime:
             self.reload_error = None
             self.metrics.config_ok.set(1)
             return True
-        for what in ("listen", "admin"):
+        for what in ("listen", "admin", "storage"):
             if getattr(new, what) != getattr(old.config, what):
-                log.warning("%s changed in %s: listeners change only on restart", what, self.path)
+                log.warning(
+                    "%s changed in %s: listeners and storage change only on restart",
+                    what,
+                    self.path,
+                )
         self.snapshot = self._build(new, old.upstreams)
         self.reload_error = None
         self.metrics.reloads.labels("ok").inc()
@@ -111,3 +126,4 @@ class Runtime:
         await asyncio.gather(*self._retired, return_exceptions=True)
         for client in self.snapshot.upstreams.values():
             await client.close()
+        await self.limiter.close()

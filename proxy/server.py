@@ -11,7 +11,7 @@ import logging
 from aiohttp import web
 
 from proxy.metrics import method_label, status_class
-from proxy.replies import json_error
+from proxy.replies import json_error, json_reply
 from proxy.runtime import Runtime
 
 log = logging.getLogger("sluice.server")
@@ -38,9 +38,25 @@ class MainHandler:
             elif route.upstream is None:
                 response = json_error(404, "no_upstream", f"route {route.name} forwards nowhere")
             else:
+                extra: dict[str, str] | None = None
+                if route.limits:
+                    verdict = await self.runtime.limiter.check(
+                        snap.config,
+                        snap.plans,
+                        route.limits,
+                        request,
+                        request.remote,
+                        route.name,
+                        route.headers,
+                    )
+                    if verdict.status is not None:
+                        response = json_reply(verdict.status, verdict.body or {}, verdict.headers)
+                        status = response.status
+                        return response
+                    extra = verdict.headers
                 client = snap.upstreams[route.upstream]
                 response = await client.forward(
-                    request, snap.trusted(request.remote), snap.config.server.max_body_size
+                    request, snap.trusted(request.remote), snap.config.server.max_body_size, extra
                 )
             status = response.status
             return response

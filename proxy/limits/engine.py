@@ -1,0 +1,392 @@
+"""From a request and its route's rules to one verdict.
+
+Per request: pick the rules that apply (route list, then each rule's own
+``match``), identify the client per rule, answer from the local deny cache
+when a client is known to be over a limit (no storage call), otherwise decide
+every quota of every rule in ONE store call. When the store fails or the
+breaker is open, each rule's ``on_storage_error`` decides: ``allow`` (fail
+open), ``deny`` (fail closed: 503), or ``local`` (an in-process limiter with
+the limit divided by ``storage.expected_instances``). This is the only place
+where fail-open/closed is decided.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from proxy.config import Config, HeaderPolicy, StorageConfig
+from proxy.errors import StorageError
+from proxy.limits.algorithms import Outcome, Policy
+from proxy.limits.breaker import Breaker
+from proxy.limits.headers import Quoted, render, retry_after_seconds
+from proxy.limits.identity import RequestView, client_ip, identify
+from proxy.limits.store import Check, LimitStore, MemoryLimitStore
+from proxy.limitspec import LimitRule
+from proxy.metrics import Metrics
+
+log = logging.getLogger("sluice.limits")
+DENY_CACHE_MAX = 100_000
+ALGO_TAGS = {
+    "fixed_window": "fw",
+    "sliding_window_log": "swl",
+    "sliding_window_counter": "swc",
+    "token_bucket": "tb",
+    "gcra": "gcra",
+}
+
+
+def _window_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+@dataclass(frozen=True, slots=True)
+class RulePlan:
+    """A rule prepared once per config load, so requests do no parsing."""
+
+    rule: LimitRule
+    policies: tuple[Policy, ...]
+    local_policies: tuple[Policy, ...]  # limits divided by storage.expected_instances
+    names: tuple[str, ...]  # how each quota is named in the IETF headers
+    windows: tuple[float, ...]
+    tag: str
+
+
+def plan_rules(limits: Mapping[str, LimitRule], storage: StorageConfig) -> dict[str, RulePlan]:
+    plans = {}
+    n = storage.expected_instances
+    for name, rule in limits.items():
+        policies = tuple(
+            Policy(rule.algorithm, q.limit, q.window * 1000, rule.burst) for q in rule.quotas
+        )
+        local = tuple(
+            Policy(p.algorithm, max(1, p.limit // n), p.window_ms, p.burst // n if p.burst else 0)
+            for p in policies
+        )
+        names = (
+            (name,)
+            if len(rule.quotas) == 1
+            else tuple(f"{name}/{_window_text(q.window)}" for q in rule.quotas)
+        )
+        plans[name] = RulePlan(
+            rule,
+            policies,
+            local,
+            names,
+            tuple(q.window for q in rule.quotas),
+            ALGO_TAGS[rule.algorithm],
+        )
+    return plans
+
+
+@dataclass(slots=True)
+class RuleDecision:
+    """What happened to one rule for one request (for metrics, events and logs)."""
+
+    rule: LimitRule
+    client: str
+    allowed: bool
+    outcomes: list[Outcome]
+    result: str  # allowed | rejected | shadow_rejected | degraded
+    retry_after_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class Verdict:
+    """``status`` is None when the request may go on; else the answer to send."""
+
+    status: int | None = None
+    body: dict[str, object] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    decisions: list[RuleDecision] = field(default_factory=list)
+    degraded: bool = False
+
+
+ALLOW = Verdict()
+DEFAULT_HEADERS = HeaderPolicy()
+
+
+@dataclass(slots=True)
+class _Pending:
+    plan: RulePlan
+    client: str
+    cost: int
+    checks: list[Check]
+
+
+def _client_hash(client: str) -> str:
+    return hashlib.blake2b(client.encode(), digest_size=9).hexdigest()
+
+
+class Limiter:
+    """Per worker; survives reloads (store, breaker, deny cache), takes plans per request."""
+
+    def __init__(
+        self,
+        store: LimitStore,
+        storage: StorageConfig,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.local = MemoryLimitStore()
+        self.metrics = metrics
+        self.clock = clock
+        self.breaker = Breaker(
+            storage.breaker_failures,
+            storage.breaker_reset,
+            clock=clock,
+            on_change=self._breaker_changed,
+        )
+        self.deny_cache: dict[tuple[str, str, int], tuple[float, list[Outcome]]] = {}
+        self.storage_calls = 0
+        self.last_error: str | None = None
+        self.on_transition: list[Callable[[str, str], None]] = []
+        self._decisions = metrics.decisions
+        self._latency = metrics.storage_latency.labels("ratelimit")
+        self._last_log = 0.0
+
+    @property
+    def degraded(self) -> bool:
+        return self.breaker.state != "closed"
+
+    def _breaker_changed(self, old: str, new: str) -> None:
+        self.metrics.breaker_open.set(0 if new == "closed" else 1)
+        if new == "open" and old == "closed":
+            log.error("storage degraded: circuit breaker open (%s)", self.last_error)
+        elif new == "closed":
+            log.warning("storage recovered: circuit breaker closed")
+        for callback in self.on_transition:
+            callback(old, new)
+
+    async def check(
+        self,
+        config: Config,
+        plans: Mapping[str, RulePlan],
+        rule_names: Sequence[str],
+        request: RequestView,
+        peer: str | None,
+        route: str,
+        headers: HeaderPolicy = DEFAULT_HEADERS,
+    ) -> Verdict:
+        """Decide one request; ``headers`` is the route's choice of header families."""
+        pending: list[_Pending] = []
+        ip: str | None = None
+        now = self.clock()
+        for name in rule_names:
+            plan = plans[name]
+            rule = plan.rule
+            if rule.match is not None and not rule.match.matches(
+                request.method, request.path, request.headers.get("Host") or "", request.headers
+            ):
+                continue
+            if ip is None:
+                ip = client_ip(peer, request.headers, config.clients.trusted_proxies)
+            client = identify(rule.key, request, ip, route)
+            if client is None:
+                policy = config.clients.on_missing_key
+                if policy == "allow":
+                    continue
+                if policy == "deny":
+                    return Verdict(
+                        403,
+                        {
+                            "error": "client_not_identified",
+                            "rule": rule.name,
+                            "message": f"rule {rule.name} needs {rule.key}",
+                        },
+                    )
+                client = "anonymous"
+            cost = rule.cost
+            if rule.cost_header is not None:
+                raw = request.headers.get(rule.cost_header)
+                if raw is not None:
+                    if not raw.isdigit() or int(raw) < 1:
+                        return Verdict(
+                            400,
+                            {
+                                "error": "bad_cost",
+                                "rule": rule.name,
+                                "message": f"{rule.cost_header} must be a positive integer",
+                            },
+                        )
+                    cost = int(raw)
+            if not rule.shadow:
+                cached = self.deny_cache.get((rule.name, client, cost))
+                if cached is not None:
+                    if cached[0] > now:
+                        return self._cached_denial(plan, client, cached, now, headers)
+                    del self.deny_cache[(rule.name, client, cost)]
+            prefix = f"sl:{{{_client_hash(client)}}}:{rule.name}:{plan.tag}:"
+            checks = [
+                Check(prefix + str(i), policy, cost, rule.shadow)
+                for i, policy in enumerate(plan.policies)
+            ]
+            pending.append(_Pending(plan, client, cost, checks))
+        if not pending:
+            return ALLOW
+        return await self._decide(pending, headers)
+
+    async def _decide(self, pending: list[_Pending], headers: HeaderPolicy) -> Verdict:
+        checks = [c for p in pending for c in p.checks]
+        outcomes: list[Outcome] | None = None
+        if self.breaker.allow():
+            started = time.perf_counter()
+            try:
+                outcomes = await self.store.decide(checks)
+            except StorageError as exc:
+                self._storage_failed(exc)
+            else:
+                self.storage_calls += 1
+                self._latency.observe(time.perf_counter() - started)
+                self.breaker.success()
+        if outcomes is None:
+            return self._degraded(pending, headers)
+        return self._verdict(pending, outcomes, headers)
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.metrics.storage_errors.labels(type(exc).__name__).inc()
+        self.breaker.failure()
+        now = self.clock()
+        if now - self._last_log > 5:
+            self._last_log = now
+            log.warning("rate-limit storage call failed: %s", self.last_error)
+
+    def _verdict(
+        self,
+        pending: list[_Pending],
+        outcomes: list[Outcome],
+        headers: HeaderPolicy,
+        degraded: bool = False,
+    ) -> Verdict:
+        verdict = Verdict(degraded=degraded)
+        quoted: list[Quoted] = []
+        denied: list[Outcome] = []
+        i = 0
+        for p in pending:
+            mine = outcomes[i : i + len(p.checks)]
+            i += len(p.checks)
+            allowed = all(o.allowed for o in mine)
+            rule = p.plan.rule
+            retry = max((o.retry_after_ms for o in mine if not o.allowed), default=0.0)
+            if allowed:
+                result = "degraded" if degraded else "allowed"
+            else:
+                result = "shadow_rejected" if rule.shadow else "rejected"
+            self._decisions.labels(rule.name, result).inc()
+            verdict.decisions.append(RuleDecision(rule, p.client, allowed, mine, result, retry))
+            if rule.shadow:
+                continue
+            quoted.extend(
+                Quoted(n, w, o) for n, w, o in zip(p.plan.names, p.plan.windows, mine, strict=True)
+            )
+            if not allowed:
+                denied.extend(o for o in mine if not o.allowed)
+                self._remember_denial(rule.name, p.client, p.cost, retry, mine)
+        families = headers.families
+        if denied:
+            first = next(d for d in verdict.decisions if d.result == "rejected")
+            seconds = retry_after_seconds(denied)
+            verdict.status = 429
+            verdict.body = {
+                "error": "rate_limited",
+                "rule": first.rule.name,
+                "retry_after": seconds,
+            }
+            verdict.headers = render(quoted, families, seconds)
+        elif headers.on_allowed:
+            verdict.headers = render(quoted, families)
+        return verdict
+
+    def _remember_denial(
+        self, rule: str, client: str, cost: int, retry_ms: float, outcomes: list[Outcome]
+    ) -> None:
+        if retry_ms <= 0:
+            return
+        if len(self.deny_cache) >= DENY_CACHE_MAX:
+            now = self.clock()
+            for key in [k for k, (until, _) in self.deny_cache.items() if until <= now]:
+                del self.deny_cache[key]
+            while len(self.deny_cache) >= DENY_CACHE_MAX:
+                del self.deny_cache[next(iter(self.deny_cache))]
+        self.deny_cache[(rule, client, cost)] = (self.clock() + retry_ms / 1000, outcomes)
+
+    def _cached_denial(
+        self,
+        plan: RulePlan,
+        client: str,
+        cached: tuple[float, list[Outcome]],
+        now: float,
+        headers: HeaderPolicy,
+    ) -> Verdict:
+        until, outcomes = cached
+        left_ms = (until - now) * 1000
+        current = [
+            Outcome(
+                o.allowed,
+                o.limit,
+                o.remaining,
+                max(0.0, o.reset_ms - (o.retry_after_ms - left_ms)),
+                left_ms if not o.allowed else 0.0,
+            )
+            for o in outcomes
+        ]
+        rule = plan.rule
+        self.metrics.deny_cache_hits.labels(rule.name).inc()
+        self._decisions.labels(rule.name, "rejected").inc()
+        seconds = retry_after_seconds([o for o in current if not o.allowed])
+        quoted = [
+            Quoted(n, w, o) for n, w, o in zip(plan.names, plan.windows, current, strict=True)
+        ]
+        return Verdict(
+            429,
+            {"error": "rate_limited", "rule": rule.name, "retry_after": seconds},
+            render(quoted, headers.families, seconds),
+            [RuleDecision(rule, client, False, current, "rejected", left_ms)],
+        )
+
+    def _degraded(self, pending: list[_Pending], headers: HeaderPolicy) -> Verdict:
+        local = [p for p in pending if p.plan.rule.on_storage_error == "local"]
+        for p in pending:
+            if p.plan.rule.on_storage_error == "deny" and not p.plan.rule.shadow:
+                self._decisions.labels(p.plan.rule.name, "degraded").inc()
+                return Verdict(
+                    503,
+                    {
+                        "error": "rate_limit_unavailable",
+                        "rule": p.plan.rule.name,
+                        "message": "rate-limit storage is unavailable",
+                    },
+                    {"Retry-After": "1"},
+                    degraded=True,
+                )
+        for p in pending:
+            if p.plan.rule.on_storage_error == "allow":
+                self._decisions.labels(p.plan.rule.name, "degraded").inc()
+        if not local:
+            return Verdict(degraded=True)
+        local_pending = [
+            _Pending(
+                p.plan,
+                p.client,
+                p.cost,
+                [
+                    Check(c.key, lp, c.cost, c.shadow)
+                    for c, lp in zip(p.checks, p.plan.local_policies, strict=True)
+                ],
+            )
+            for p in local
+        ]
+        outcomes = self.local.decide_now([c for p in local_pending for c in p.checks])
+        return self._verdict(local_pending, outcomes, headers, degraded=True)
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.local.close()

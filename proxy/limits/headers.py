@@ -1,0 +1,69 @@
+"""Rate-limit response headers, from the decided outcomes (pure).
+
+Two families, chosen per route:
+
+* ``x-ratelimit``: ``X-RateLimit-Limit`` / ``-Remaining`` / ``-Reset`` (seconds
+  until reset), as Envoy, Kong and GitHub send them, for the binding quota:
+  the one with the fewest requests left.
+* ``ietf``: draft-ietf-httpapi-ratelimit-headers (-10) structured fields,
+  one list member per quota: ``RateLimit-Policy: "api";q=100;w=60`` and
+  ``RateLimit: "api";r=42;t=17``.
+
+``Retry-After`` (whole seconds, rounded up, never below ``t``) is set on
+denials whatever the families.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy.limits.algorithms import Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Quoted:
+    """One quota's outcome and how it is named in the headers."""
+
+    name: str
+    window_s: float
+    outcome: Outcome
+
+
+def _seconds(ms: float) -> int:
+    return max(0, math.ceil(ms / 1000 - 1e-9))
+
+
+def _sf_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def retry_after_seconds(denied: Sequence[Outcome]) -> int:
+    """The longest wait among the denying quotas, in whole seconds, at least 1."""
+    return max(1, max((_seconds(o.retry_after_ms) for o in denied), default=1))
+
+
+def render(
+    quotas: Sequence[Quoted], families: Sequence[str], retry_after: int | None = None
+) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    if not quotas:
+        return headers
+    if "x-ratelimit" in families:
+        binding = min(quotas, key=lambda q: (q.outcome.remaining, -q.outcome.reset_ms))
+        headers["X-RateLimit-Limit"] = str(binding.outcome.limit)
+        headers["X-RateLimit-Remaining"] = str(binding.outcome.remaining)
+        headers["X-RateLimit-Reset"] = str(_seconds(binding.outcome.reset_ms))
+    if "ietf" in families:
+        headers["RateLimit-Policy"] = ", ".join(
+            f"{_sf_string(q.name)};q={q.outcome.limit};w={max(1, round(q.window_s))}"
+            for q in quotas
+        )
+        headers["RateLimit"] = ", ".join(
+            f"{_sf_string(q.name)};r={q.outcome.remaining};t={_seconds(q.outcome.reset_ms)}"
+            for q in quotas
+        )
+    return headers
