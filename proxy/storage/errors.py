@@ -1,15 +1,31 @@
 """Storage errors: what callers of the storage layer may catch.
 
-Everything the Redis client raises is a ``StorageError``. Callers that only
-decide "fail open or closed" catch that; the subclasses exist for the client's
-own retry logic and for precise metrics.
+Everything the Redis client raises is a ``StorageError`` (the project-wide
+one from ``proxy.errors``, re-exported here). Callers that only decide "fail
+open or closed" catch that; the subclasses exist for the client's own retry
+logic and for precise metrics.
 """
 
 from __future__ import annotations
 
+from proxy.errors import StorageError
 
-class StorageError(Exception):
-    """Base class of every storage failure."""
+__all__ = [
+    "AskError",
+    "ClusterDownError",
+    "LoadingError",
+    "MovedError",
+    "NoScriptError",
+    "ReadOnlyError",
+    "RedirectError",
+    "ResponseError",
+    "StorageError",
+    "StorageTimeout",
+    "StorageUnavailable",
+    "TransientResponseError",
+    "TryAgainError",
+    "response_error",
+]
 
 
 class StorageTimeout(StorageError):
