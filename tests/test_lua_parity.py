@@ -1,0 +1,244 @@
+"""The Lua script on a real redis-server against its Python twin, same clock.
+
+Random timelines (times, costs, several keys per call, refunds, the odd clock
+step back) go through both; the outcomes, tokens, stored states and TTLs must
+be identical. Equality is exact, not approximate: both twins do the same IEEE
+double operations on whole microseconds, and the script returns its floats
+with '%.17g' (which reads back as the same double). The one tolerance is the
+key's PTTL (within 5 ms), read on Redis's real clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import cast
+
+import pytest
+from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from hypothesis import strategies as st
+from redis import Redis
+from redis.exceptions import ResponseError
+
+from proxy.limits.algorithms import (
+    ALGORITHMS,
+    BucketState,
+    CounterState,
+    GcraState,
+    LogState,
+    Outcome,
+    Policy,
+    State,
+    WindowState,
+    evaluate,
+    peek,
+    refund,
+    ttl_ms,
+)
+from proxy.limits.scripts import CHECK_SCRIPT, CHECK_SHA, check_args, decode_reply, refund_args
+from tests.servers import RedisServer
+
+T0_US = 1_700_000_000_000_000
+
+
+@pytest.fixture
+def client(redis: RedisServer) -> Iterator[Redis]:
+    conn = Redis(port=redis.port)
+    conn.script_load(CHECK_SCRIPT)
+    yield conn
+    conn.close()
+
+
+def read_state(conn: Redis, policy: Policy, key: str) -> State | None:
+    """Decode what the script stored under ``key`` into the Python state."""
+    if policy.algorithm == "sliding_window_log":
+        entries = cast(list[tuple[bytes, float]], conn.zrange(key, 0, -1, withscores=True))
+        return LogState(tuple((s, m.decode()) for m, s in entries)) if entries else None
+    if policy.algorithm == "gcra":
+        value = cast(bytes | None, conn.get(key))
+        if value is None:
+            return None
+        tat, frac = value.decode().split(":")
+        return GcraState(float(tat), float(frac))
+    raw = cast(dict[bytes, bytes], conn.hgetall(key))
+    h = {k.decode(): v.decode() for k, v in raw.items()}
+    if not h:
+        return None
+    match policy.algorithm:
+        case "fixed_window":
+            return WindowState(float(h["s"]), int(h["n"]))
+        case "sliding_window_counter":
+            return CounterState(float(h["k"]), int(h["c"]), int(h["p"]))
+        case _:
+            return BucketState(float(h["v"]), float(h["t"]))
+
+
+def note(what: str) -> None:
+    """Count what the timelines exercise (--hypothesis-show-statistics)."""
+    if currently_in_test_context():
+        event(what)
+
+
+@dataclass
+class Admitted:
+    keys: list[int]
+    costs: list[int]
+    tokens: list[str]
+
+
+class Twins:
+    """Drives the script and the Python twin in step and compares them."""
+
+    def __init__(self, conn: Redis, policies: list[Policy]) -> None:
+        self.conn, self.policies = conn, policies
+        self.keys = [f"{{t}}:k{i}" for i in range(len(policies))]
+        self.states: list[State | None] = [None] * len(policies)
+
+    def _run(self, idx: list[int], args: list[str]) -> tuple[list[Outcome], list[str]]:
+        """EVALSHA, then every key's PTTL and PERSIST, atomically: keys must not
+        expire on Redis's real clock while the test's clock says otherwise."""
+        pipe = self.conn.pipeline(transaction=True)
+        pipe.evalsha(CHECK_SHA, len(idx), *[self.keys[i] for i in idx], *args)
+        for key in self.keys:
+            pipe.pttl(key)
+            pipe.persist(key)
+        reply, *rest = pipe.execute()
+        self.pttl = rest[::2]
+        return decode_reply([self.policies[i] for i in idx], reply)
+
+    def _compare_states(self, now_ms: float, touched: list[int]) -> None:
+        for i, (policy, key) in enumerate(zip(self.policies, self.keys, strict=True)):
+            assert read_state(self.conn, policy, key) == self.states[i], policy
+            if i in touched and self.pttl[i] >= 0:
+                # PTTL runs on Redis's own clock, which may tick during the MULTI.
+                assert 0 <= ttl_ms(policy, self.states[i], now_ms) - self.pttl[i] <= 5
+            elif self.states[i] is not None:
+                assert self.pttl[i] == -1  # untouched since the last PERSIST
+
+    def check(self, now_ms: float, idx: list[int], costs: list[int]) -> Admitted | None:
+        policies = [self.policies[i] for i in idx]
+        outcomes, tokens = self._run(idx, check_args(policies, costs, now_ms))
+        expected = evaluate(policies, [self.states[i] for i in idx], now_ms, costs)
+        assert (outcomes, tokens) == (expected.outcomes, expected.tokens)
+        for policy, outcome in zip(policies, outcomes, strict=True):
+            note(f"{policy.algorithm} {'allowed' if outcome.allowed else 'denied'}")
+        if expected.states is not None:
+            for i, state in zip(idx, expected.states, strict=True):
+                self.states[i] = state
+        self._compare_states(now_ms, idx if expected.states is not None else [])
+        return Admitted(idx, costs, tokens) if expected.states is not None else None
+
+    def refund(self, now_ms: float, done: Admitted) -> None:
+        policies = [self.policies[i] for i in done.keys]
+        args = refund_args(policies, done.costs, done.tokens, now_ms)
+        outcomes, tokens = self._run(done.keys, args)
+        note("refund")
+        for i, cost, token in zip(done.keys, done.costs, done.tokens, strict=True):
+            self.states[i] = refund(self.policies[i], self.states[i], now_ms, cost, token)
+        assert outcomes == [peek(self.policies[i], self.states[i], now_ms) for i in done.keys]
+        assert tokens == [""] * len(done.keys)
+        self._compare_states(now_ms, done.keys)
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> Policy:
+    algorithm = draw(st.sampled_from(ALGORITHMS))
+    burst = draw(st.integers(0, 8)) if algorithm == "gcra" else 0
+    window = draw(st.sampled_from([0.002, 1.0, 7.5, 333.3334, 1000.0, 60_000.0, 86_400_000.0]))
+    return Policy(algorithm, draw(st.integers(1, 6)), window, burst)
+
+
+advances = st.one_of(  # µs
+    st.just(0),
+    st.integers(1, 2_000),
+    st.integers(0, 2_000_000),
+    st.integers(0, 100_000_000_000),
+    st.integers(-3_000, -1),  # the clock stepping back
+)
+steps = st.tuples(
+    advances,
+    st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),  # keys checked
+    st.lists(st.integers(1, 8), min_size=4, max_size=4),  # their costs
+    st.one_of(st.none(), st.integers(0, 50)),  # refund that earlier admission
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pols=st.lists(policies(), min_size=4, max_size=4),
+    timeline=st.lists(steps, min_size=1, max_size=40),
+)
+def test_script_matches_python(
+    client: Redis,
+    pols: list[Policy],
+    timeline: list[tuple[int, list[int], list[int], int | None]],
+) -> None:
+    client.flushdb()
+    twins, now, done = Twins(client, pols), T0_US, list[Admitted]()
+    for advance, idx, costs, refund_pick in timeline:
+        now += advance
+        if refund_pick is not None and done:
+            twins.refund(now / 1000, done.pop(refund_pick % len(done)))
+        elif admitted := twins.check(now / 1000, idx, costs[: len(idx)]):
+            done.append(admitted)
+
+
+def test_large_costs_chunk_the_log(client: Redis) -> None:
+    """Costs above the script's 100-member batches (ZADD / ZREM)."""
+    twins = Twins(client, [Policy("sliding_window_log", 500, 1000.0)])
+    first = twins.check(1_700_000_000_000.0, [0], [230])
+    assert first is not None
+    assert twins.check(1_700_000_000_000.5, [0], [250]) is not None
+    assert twins.check(1_700_000_000_001.0, [0], [21]) is None
+    twins.refund(1_700_000_000_002.0, first)
+    assert twins.check(1_700_000_000_003.0, [0], [250]) is not None
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_late_refunds(client: Redis, algorithm: str) -> None:
+    """Refunds arriving after the consumed window was replaced by a new one."""
+    twins = Twins(client, [Policy(algorithm, 3, 10.0)])
+    old = twins.check(1_700_000_000_009.0, [0], [2])
+    assert old is not None
+    recent = twins.check(1_700_000_000_012.0, [0], [1])  # next (counter) or same window
+    later = twins.check(1_700_000_000_019.5, [0], [1])  # a new fixed window
+    assert recent is not None and later is not None
+    twins.refund(1_700_000_000_020.0, old)
+    twins.refund(1_700_000_000_020.0, recent)
+    twins.refund(1_700_000_000_030.0, later)
+
+
+def test_sha_and_server_time(client: Redis) -> None:
+    assert client.script_load(CHECK_SCRIPT) == CHECK_SHA
+    policy = Policy("fixed_window", 2, 60_000.0)
+    before = client.time()
+    reply = client.evalsha(CHECK_SHA, 1, "k", *check_args([policy], [1]))  # now from TIME
+    after = client.time()
+    assert decode_reply([policy], reply)[0] == [Outcome(True, 2, 1, 60_000.0, 0.0)]
+    start = float(client.hget("k", "s") or 0)
+    assert before[0] * 1e6 + before[1] <= start <= after[0] * 1e6 + after[1]
+    assert 59_000 < client.pttl("k") <= 60_000
+
+
+def test_script_rejects_bad_calls(client: Redis) -> None:
+    policy = Policy("gcra", 1, 1000.0)
+    with pytest.raises(ResponseError, match="duplicate key"):
+        client.evalsha(CHECK_SHA, 2, "a", "a", *check_args([policy, policy], [1, 1], 1.0))
+    with pytest.raises(ResponseError, match="arguments per key"):
+        client.evalsha(CHECK_SHA, 2, "a", "b", *check_args([policy], [1], 1.0))
+    with pytest.raises(ResponseError, match="mode"):
+        client.evalsha(CHECK_SHA, 1, "a", "", "peek", "5", "1", "1", "1000.0", "0")
+
+
+def test_encoding_is_pure() -> None:
+    p = Policy("gcra", 10, 1500.25, burst=3)
+    assert check_args([p], [2], 12.5) == ["12.5", "check", "5", "2", "10", "1500.25", "3"]
+    assert refund_args([p], [2], ["x"]) == ["", "refund", "5", "2", "10", "1500.25", "3", "x"]
+    reply = [0, 3, b"12.5", b"0.001", b""]
+    assert decode_reply([p], reply) == ([Outcome(False, 10, 3, 12.5, 0.001)], [""])
+    with pytest.raises(ValueError, match="cost"):
+        check_args([p], [0])
+    with pytest.raises(ValueError, match="unexpected reply"):
+        decode_reply([p, p], reply)
