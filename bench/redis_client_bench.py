@@ -49,7 +49,9 @@ async def _drive(call: Call, calls: int, concurrency: int) -> tuple[float, float
 async def run(port: int, calls: int, concurrency: int, rounds: int, pool_size: int) -> None:
     sha = script_sha(SCRIPT)
     ours = open_redis(f"redis://127.0.0.1:{port}/0", timeout=1.0, pool_size=pool_size)
-    theirs = redis_asyncio.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
+    theirs = redis_asyncio.Redis(
+        host="127.0.0.1", port=port, socket_timeout=1.0, max_connections=max(concurrency, 10)
+    )
 
     async def call_ours(key: str) -> Any:
         return await ours.evalsha(SCRIPT, sha, (key,), ())
