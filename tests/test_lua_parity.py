@@ -111,14 +111,16 @@ class Twins:
             assert read_state(self.conn, policy, key) == self.states[i], policy
             if i in touched and self.pttl[i] >= 0:
                 # PTTL runs on Redis's own clock, which may tick during the MULTI.
-                assert 0 <= ttl_ms(policy, self.states[i], now_ms) - self.pttl[i] <= 5
+                assert 0 <= ttl_ms(policy, self.states[i], now_ms) - self.pttl[i] <= 50
             elif self.states[i] is not None:
                 assert self.pttl[i] == -1  # untouched since the last PERSIST
 
-    def check(self, now_ms: float, idx: list[int], costs: list[int]) -> Admitted | None:
+    def check(
+        self, now_ms: float, idx: list[int], costs: list[int], shadow: list[bool] | None = None
+    ) -> Admitted | None:
         policies = [self.policies[i] for i in idx]
-        outcomes, tokens = self._run(idx, check_args(policies, costs, now_ms))
-        expected = evaluate(policies, [self.states[i] for i in idx], now_ms, costs)
+        outcomes, tokens = self._run(idx, check_args(policies, costs, now_ms, shadow))
+        expected = evaluate(policies, [self.states[i] for i in idx], now_ms, costs, shadow)
         assert (outcomes, tokens) == (expected.outcomes, expected.tokens)
         for policy, outcome in zip(policies, outcomes, strict=True):
             note(f"{policy.algorithm} {'allowed' if outcome.allowed else 'denied'}")
@@ -126,7 +128,10 @@ class Twins:
             for i, state in zip(idx, expected.states, strict=True):
                 self.states[i] = state
         self._compare_states(now_ms, idx if expected.states is not None else [])
-        return Admitted(idx, costs, tokens) if expected.states is not None else None
+        if expected.states is None:
+            return None
+        kept = [j for j, outcome in enumerate(outcomes) if outcome.allowed]  # what was consumed
+        return Admitted([idx[j] for j in kept], [costs[j] for j in kept], [tokens[j] for j in kept])
 
     def refund(self, now_ms: float, done: Admitted) -> None:
         policies = [self.policies[i] for i in done.keys]
@@ -160,6 +165,7 @@ steps = st.tuples(
     st.lists(st.integers(0, 3), min_size=1, max_size=4, unique=True),  # keys checked
     st.lists(st.integers(1, 8), min_size=4, max_size=4),  # their costs
     st.one_of(st.none(), st.integers(0, 50)),  # refund that earlier admission
+    st.lists(st.booleans(), min_size=4, max_size=4),  # shadow flags of the checks
 )
 
 
@@ -173,15 +179,15 @@ steps = st.tuples(
 def test_script_matches_python(
     client: Redis,
     pols: list[Policy],
-    timeline: list[tuple[int, list[int], list[int], int | None]],
+    timeline: list[tuple[int, list[int], list[int], int | None, list[bool]]],
 ) -> None:
     client.flushdb()
     twins, now, done = Twins(client, pols), T0_US, list[Admitted]()
-    for advance, idx, costs, refund_pick in timeline:
+    for advance, idx, costs, refund_pick, shadow in timeline:
         now += advance
         if refund_pick is not None and done:
             twins.refund(now / 1000, done.pop(refund_pick % len(done)))
-        elif admitted := twins.check(now / 1000, idx, costs[: len(idx)]):
+        elif admitted := twins.check(now / 1000, idx, costs[: len(idx)], shadow[: len(idx)]):
             done.append(admitted)
 
 

@@ -413,24 +413,35 @@ def evaluate(
     states: Sequence[State | None],
     now_ms: float,
     costs: Sequence[int],
+    shadow: Sequence[bool] | None = None,
 ) -> Decision:
     """Decide one request's checks together, all-or-nothing.
 
-    Every check is evaluated on its own; if any denies, ``states`` is None
-    (nothing may be written, no check consumes quota) and every token is "".
-    Otherwise ``states[i]`` is what to store for check ``i`` and ``tokens[i]``
-    what :func:`refund` needs to undo it. The checks' keys must be distinct.
+    Every check is evaluated on its own; if any enforced check denies,
+    ``states`` is None (nothing may be written, no check consumes quota) and
+    every token is "". Otherwise ``states[i]`` is what to store for check ``i``
+    and ``tokens[i]`` what :func:`refund` needs to undo it. A ``shadow`` check
+    is decided and reported like the others but never vetoes the call; when it
+    denies it consumes nothing (its state is returned unchanged, token "").
+    The checks' keys must be distinct.
     """
     if not len(policies) == len(states) == len(costs):
         raise ValueError("policies, states and costs must have the same length")
+    flags = [False] * len(policies) if shadow is None else list(shadow)
+    if len(flags) != len(policies):
+        raise ValueError("shadow must have one flag per policy")
     for cost in costs:
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise ValueError(f"cost must be an integer >= 1, got {cost!r}")
     now = _us(now_ms)
     verdicts = [_verdict(p, s, now, c) for p, s, c in zip(policies, states, costs, strict=True)]
     outcomes = [_outcome(p, v) for p, v in zip(policies, verdicts, strict=True)]
-    if all(v.allowed for v in verdicts):
-        return Decision(outcomes, [v.state for v in verdicts], [v.token for v in verdicts])
+    if all(v.allowed or f for v, f in zip(verdicts, flags, strict=True)):
+        return Decision(
+            outcomes,
+            [v.state if v.allowed else s for v, s in zip(verdicts, states, strict=True)],
+            [v.token if v.allowed else "" for v in verdicts],
+        )
     return Decision(outcomes, None, [""] * len(verdicts))
 
 
@@ -439,10 +450,11 @@ def decide(
     states: Sequence[State | None],
     now_ms: float,
     costs: Sequence[int],
+    shadow: Sequence[bool] | None = None,
 ) -> tuple[list[Outcome], list[State | None] | None]:
     """All-or-nothing decision: ``(outcomes, new_states)``, or ``(outcomes, None)``
-    when any check denies, meaning nothing is written. See :func:`evaluate`."""
-    decision = evaluate(policies, states, now_ms, costs)
+    when any enforced check denies, meaning nothing is written. See :func:`evaluate`."""
+    decision = evaluate(policies, states, now_ms, costs, shadow)
     return decision.outcomes, decision.states
 
 

@@ -55,7 +55,14 @@ class RulePlan:
     local_policies: tuple[Policy, ...]  # limits divided by storage.expected_instances
     names: tuple[str, ...]  # how each quota is named in the IETF headers
     windows: tuple[float, ...]
-    tag: str
+    tags: tuple[str, ...]  # per quota: "<rule>:<algorithm>:<fingerprint>", part of its key
+
+
+def _fingerprint(policy: Policy) -> str:
+    """Stored state is in units of its policy: a changed limit or window gets fresh keys
+    rather than misreading the old state."""
+    text = f"{policy.limit}/{policy.window_ms!r}/{policy.burst}"
+    return hashlib.blake2b(text.encode(), digest_size=3).hexdigest()
 
 
 def plan_rules(limits: Mapping[str, LimitRule], storage: StorageConfig) -> dict[str, RulePlan]:
@@ -80,7 +87,7 @@ def plan_rules(limits: Mapping[str, LimitRule], storage: StorageConfig) -> dict[
             local,
             names,
             tuple(q.window for q in rule.quotas),
-            ALGO_TAGS[rule.algorithm],
+            tuple(f"{name}:{ALGO_TAGS[p.algorithm]}:{_fingerprint(p)}" for p in policies),
         )
     return plans
 
@@ -223,10 +230,10 @@ class Limiter:
                     if cached[0] > now:
                         return self._cached_denial(plan, client, cached, now, headers)
                     del self.deny_cache[(rule.name, client, cost)]
-            prefix = f"sl:{{{_client_hash(client)}}}:{rule.name}:{plan.tag}:"
+            prefix = f"sl:{{{_client_hash(client)}}}:"
             checks = [
-                Check(prefix + str(i), policy, cost, rule.shadow)
-                for i, policy in enumerate(plan.policies)
+                Check(prefix + tag, policy, cost, rule.shadow)
+                for tag, policy in zip(plan.tags, plan.policies, strict=True)
             ]
             pending.append(_Pending(plan, client, cost, checks))
         if not pending:

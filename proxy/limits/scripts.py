@@ -41,11 +41,12 @@ def _now_arg(now_ms: float | None) -> str:
     return "" if now_ms is None else repr(float(now_ms))
 
 
-def _policy_args(policy: Policy, cost: int) -> list[str]:
+def _policy_args(policy: Policy, cost: int, shadow: bool = False) -> list[str]:
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
         raise ValueError(f"cost must be an integer >= 1, got {cost!r}")
+    code = ALGORITHM_CODES[policy.algorithm]
     return [
-        str(ALGORITHM_CODES[policy.algorithm]),
+        str(-code if shadow else code),  # a negative code marks a shadow check
         str(cost),
         str(policy.limit),
         repr(float(policy.window_ms)),
@@ -54,17 +55,25 @@ def _policy_args(policy: Policy, cost: int) -> list[str]:
 
 
 def check_args(
-    policies: Sequence[Policy], costs: Sequence[int], now_ms: float | None = None
+    policies: Sequence[Policy],
+    costs: Sequence[int],
+    now_ms: float | None = None,
+    shadow: Sequence[bool] | None = None,
 ) -> list[str]:
     """ARGV for one all-or-nothing check of ``policies`` (KEYS in the same order).
 
-    ``now_ms`` None means the script uses Redis ``TIME`` (production).
+    ``now_ms`` None means the script uses Redis ``TIME`` (production). ``shadow``
+    flags checks that are reported but never veto the call (see
+    :func:`proxy.limits.algorithms.evaluate`).
     """
     if len(policies) != len(costs):
         raise ValueError("policies and costs must have the same length")
+    flags = [False] * len(policies) if shadow is None else list(shadow)
+    if len(flags) != len(policies):
+        raise ValueError("shadow must have one flag per policy")
     args = [_now_arg(now_ms), "check"]
-    for policy, cost in zip(policies, costs, strict=True):
-        args += _policy_args(policy, cost)
+    for policy, cost, flag in zip(policies, costs, flags, strict=True):
+        args += _policy_args(policy, cost, flag)
     return args
 
 

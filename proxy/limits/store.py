@@ -66,28 +66,20 @@ class MemoryLimitStore:
 
     def decide_now(self, checks: Sequence[Check]) -> list[Outcome]:
         now = self.clock()
-        enforced = [c for c in checks if not c.shadow]
-        shadow = [c for c in checks if c.shadow]
-        # Enforced checks decide together; shadow checks then count only if the request passes.
-        outcomes: dict[int, Outcome] = {}
-        states = [self._get(c.key, now) for c in enforced]
-        result, new = algorithms.decide(
-            [c.policy for c in enforced], states, now, [c.cost for c in enforced]
+        states = [self._get(c.key, now) for c in checks]
+        outcomes, new = algorithms.decide(
+            [c.policy for c in checks],
+            states,
+            now,
+            [c.cost for c in checks],
+            [c.shadow for c in checks],
         )
-        for check, outcome in zip(enforced, result, strict=True):
-            outcomes[id(check)] = outcome
         if new is not None:
-            self._store(enforced, new, now)
-        for check in shadow:
-            state = self._get(check.key, now)
-            (outcome,), shadow_new = algorithms.decide([check.policy], [state], now, [check.cost])
-            outcomes[id(check)] = outcome
-            if new is not None and shadow_new is not None:
-                self._store([check], shadow_new, now)
+            self._store(checks, new, now)
         self._ops += 1
         if self._ops % self.SWEEP_EVERY == 0 or len(self.states) > self.max_keys:
             self.sweep(now)
-        return [outcomes[id(c)] for c in checks]
+        return outcomes
 
     async def decide(self, checks: Sequence[Check]) -> list[Outcome]:
         return self.decide_now(checks)

@@ -2,7 +2,9 @@
 -- for Redis TIME. ARGV[2]: 'check' or 'refund'. Then per check: algorithm
 -- code (1..5), cost, limit, window_ms, burst, and in refund mode the token.
 -- Check mode is all-or-nothing: every check is evaluated before anything is
--- written, and only if all allow are their states written. Refund mode undoes
+-- written, and only if every enforced check allows are the allowing checks'
+-- states written. A negative algorithm code marks a shadow check: decided and
+-- reported, never a veto; when it denies it writes nothing. Refund mode undoes
 -- each check's consume and reports its standing as a cost-0 check.
 -- Reply, per check: allowed (0/1), remaining, reset_ms, retry_after_ms (as
 -- '%.17g' strings), token ('' unless the call consumed).
@@ -32,7 +34,10 @@ for i, key in ipairs(KEYS) do
   if seen[key] then return redis.error_reply('ERR sluice: duplicate key ' .. key) end
   seen[key] = true
   local at = 2 + (i - 1) * width
-  local algorithm = ALGORITHMS[tonumber(ARGV[at + 1])]
+  local code = tonumber(ARGV[at + 1])
+  local shadow = code ~= nil and code < 0
+  if shadow then code = -code end
+  local algorithm = ALGORITHMS[code]
   if algorithm == nil then return redis.error_reply('ERR sluice: bad algorithm code') end
   local cost, limit = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
   local window = math.floor(tonumber(ARGV[at + 4]) * 1000 + 0.5)
@@ -44,18 +49,20 @@ for i, key in ipairs(KEYS) do
   local v = algorithm.check(key, now, cost, limit, window, burst)
   v.algorithm = algorithm
   checks[i] = v
-  admitted = admitted and v.allowed
+  admitted = admitted and (v.allowed or shadow)
 end
 
 if admitted and not refunding then
-  for i, key in ipairs(KEYS) do checks[i].algorithm.commit(key, checks[i]) end
+  for i, key in ipairs(KEYS) do
+    if checks[i].allowed then checks[i].algorithm.commit(key, checks[i]) end
+  end
 end
 
 local reply = {}
 for _, v in ipairs(checks) do
   local allowed, token = 0, ''
   if v.allowed then allowed = 1 end
-  if admitted and not refunding then token = v.token end
+  if admitted and not refunding and v.allowed then token = v.token end
   reply[#reply + 1] = allowed
   reply[#reply + 1] = math.max(0, v.remaining)
   reply[#reply + 1] = fmt(v.reset / 1000)

@@ -1,0 +1,124 @@
+"""Rate-limit checks on Redis: one EVALSHA per request (per slot group in a cluster).
+
+Keys are ``sl:{<client hash>}:<rule>:<algorithm>:<quota>``: the hash tag is
+the client identity, so every rule of one request that keys on the same
+identity lands in one Redis Cluster slot and is decided by one atomic script
+call. When a request's keys span slots (say a per-IP and a per-API-key rule),
+each slot group is one script call, sent concurrently; if any group has an
+enforced denial (or fails), the groups that admitted are refunded with the
+script's refund mode, so a denied request consumes no quota anywhere. The
+refund is a second round trip only on that path, and between the two calls
+another request may briefly see the consumed quota (it can be denied early,
+never admitted beyond the limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from proxy.config import StorageConfig
+from proxy.errors import StorageError
+from proxy.limits.algorithms import Outcome
+from proxy.limits.scripts import CHECK_SCRIPT, CHECK_SHA, check_args, decode_reply, refund_args
+from proxy.limits.store import Check
+from proxy.storage.redis_client import RedisBackend, open_redis
+from proxy.storage.redis_cluster import key_slot
+
+log = logging.getLogger("sluice.storage")
+
+
+class RedisLimitStore:
+    def __init__(self, backend: RedisBackend, cluster: bool) -> None:
+        self.backend = backend
+        self.cluster = cluster
+
+    @classmethod
+    def from_config(cls, storage: StorageConfig) -> RedisLimitStore:
+        backend = open_redis(
+            storage.url,
+            timeout=storage.timeout,
+            connect_timeout=storage.connect_timeout,
+            pool_size=storage.pool_size,
+        )
+        return cls(backend, storage.scheme == "redis+cluster")
+
+    async def _call(self, checks: Sequence[Check]) -> tuple[list[Outcome], list[str]]:
+        reply = await self.backend.evalsha(
+            CHECK_SCRIPT,
+            CHECK_SHA,
+            [c.key for c in checks],
+            check_args(
+                [c.policy for c in checks],
+                [c.cost for c in checks],
+                shadow=[c.shadow for c in checks],
+            ),
+        )
+        try:
+            return decode_reply([c.policy for c in checks], reply)
+        except ValueError as exc:
+            raise StorageError(f"unexpected script reply: {exc}") from exc
+
+    async def decide(self, checks: Sequence[Check]) -> list[Outcome]:
+        if not self.cluster:
+            return (await self._call(checks))[0]
+        groups: dict[int, list[int]] = {}
+        for i, check in enumerate(checks):
+            groups.setdefault(key_slot(check.key), []).append(i)
+        if len(groups) == 1:
+            return (await self._call(checks))[0]
+        return await self._decide_across_slots(checks, list(groups.values()))
+
+    async def _decide_across_slots(
+        self, checks: Sequence[Check], groups: list[list[int]]
+    ) -> list[Outcome]:
+        parts = [[checks[i] for i in group] for group in groups]
+        results: list[Any] = await asyncio.gather(
+            *(self._call(p) for p in parts), return_exceptions=True
+        )
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        denied = failed is None and any(
+            not o.allowed and not c.shadow
+            for part, (outcomes, _) in zip(parts, results, strict=True)
+            for c, o in zip(part, outcomes, strict=True)
+        )
+        if failed is not None or denied:
+            await self._refund(parts, results)
+        if failed is not None:
+            if isinstance(failed, StorageError):
+                raise failed
+            raise StorageError(f"cluster call failed: {failed!r}") from failed
+        out: list[Outcome | None] = [None] * len(checks)
+        for group, (outcomes, _) in zip(groups, results, strict=True):
+            for i, outcome in zip(group, outcomes, strict=True):
+                out[i] = outcome
+        return [o for o in out if o is not None]
+
+    async def _refund(self, parts: list[list[Check]], results: list[Any]) -> None:
+        """Undo what the admitting groups consumed (their tokens say what)."""
+        calls = []
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, BaseException):
+                continue
+            outcomes, tokens = result
+            if any(not o.allowed and not c.shadow for c, o in zip(part, outcomes, strict=True)):
+                continue  # this group denied: its script wrote nothing
+            consumed = [(c, t) for c, o, t in zip(part, outcomes, tokens, strict=True) if o.allowed]
+            if not consumed:
+                continue
+            args = refund_args(
+                [c.policy for c, _ in consumed],
+                [c.cost for c, _ in consumed],
+                [t for _, t in consumed],
+            )
+            calls.append(
+                self.backend.evalsha(CHECK_SCRIPT, CHECK_SHA, [c.key for c, _ in consumed], args)
+            )
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("refund after a cross-slot denial failed: %r", result)
+
+    async def close(self) -> None:
+        await self.backend.close()
