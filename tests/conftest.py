@@ -7,6 +7,8 @@ import pytest
 
 from tests.servers import RedisServer, redis_server
 
+pytest_plugins = ["tests.topologies"]
+
 
 @pytest.fixture(scope="session")
 def redis_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -37,13 +37,8 @@ from proxy.storage.redis_client import (
 from proxy.storage.redis_cluster import key_slot
 from proxy.storage.redis_url import parse_redis_url
 from proxy.storage.resp import ConnectOptions, open_connection
-from tests import topologies
 from tests.servers import RedisServer, free_port, redis_cli, redis_server
 from tests.topologies import RedisClusterSetup, RedisSentinelSetup
-
-# Session fixtures from tests/topologies.py, until conftest registers it as a plugin.
-redis_sentinel = topologies.redis_sentinel
-redis_cluster = topologies.redis_cluster
 
 INCR_BY = b"return redis.call('INCRBY', KEYS[1], ARGV[1])"
 INCR_BY_SHA = script_sha(INCR_BY)
