@@ -51,11 +51,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    source = runtime.snapshot.config.source
+    config = runtime.snapshot.config
+    source = config.source
+    limiter = runtime.limiter
     body = {
         "status": "ready",
         "config": {"path": source.path, "sha256": source.sha256, "loaded_at": source.loaded_at},
         "last_reload_error": runtime.reload_error,
+        "storage": {
+            "url": config.storage.safe_url,
+            "state": "degraded" if limiter.degraded else "ok",
+            "breaker": limiter.breaker.state,
+            "last_error": limiter.last_error,
+        },
         "uptime_seconds": round(time.time() - request.app[STARTED], 3),
     }
     return json_reply(200, body)

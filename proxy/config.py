@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,11 @@ class StorageConfig:
     @property
     def scheme(self) -> str:
         return self.url.split("://", 1)[0]
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password masked, for logs, pages and summaries."""
+        return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", self.url)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,7 @@ def summarize(config: Config) -> str:
     lines = [f"{config.source.path}: OK (sha256 {config.source.sha256[:12]})"]
     lines.append(
         f"  listen {config.listen}, admin {config.admin.listen} "
-        f"({len(config.admin.tokens)} token(s)), storage {config.storage.url}"
+        f"({len(config.admin.tokens)} token(s)), storage {config.storage.safe_url}"
     )
     lines.append(f"  upstreams ({len(config.upstreams)}):")
     lines += [f"    {u.name}: {u.url}" for u in config.upstreams.values()]
