@@ -8,6 +8,7 @@ and raised together as one ``ConfigError``. No I/O happens after ``load``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import re
@@ -44,6 +45,11 @@ class Listen:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def bind_error(self, exc: OSError) -> str:
+        """The one message for a listener that cannot be bound."""
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        return f"cannot listen on {self}: {reason}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,6 +103,7 @@ class Section:
         return f"{self.path}.{key}" if self.path else key
 
     def has(self, key: str) -> bool:
+        self.seen.add(key)  # a known key, present or not: finish() suggests it for typos
         return key in self.items
 
     def node_of(self, key: str) -> Node | None:

@@ -9,6 +9,8 @@ drains them all. A worker that dies unexpectedly is replaced.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -23,6 +25,7 @@ from multiprocessing.process import BaseProcess
 from proxy.config import Config, Listen
 
 log = logging.getLogger("sluice.supervisor")
+PR_SET_PDEATHSIG = 1
 
 
 def probe(listen: Listen) -> str | None:
@@ -33,7 +36,7 @@ def probe(listen: Listen) -> str | None:
         try:
             sock.bind((listen.host, listen.port))
         except OSError as exc:
-            return f"cannot listen on {listen}: {exc.strerror}"
+            return listen.bind_error(exc)
     return None
 
 
@@ -48,7 +51,7 @@ class Supervisor:
         self.pending: list[int] = []
 
     def _spawn(self) -> BaseProcess:
-        proc = self.ctx.Process(target=_child, args=(self.target,), daemon=False)
+        proc = self.ctx.Process(target=_child, args=(self.target, os.getpid()), daemon=False)
         proc.start()
         return proc
 
@@ -123,7 +126,20 @@ class Supervisor:
         return 0
 
 
-def _child(target: Callable[[], int]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGTERM this worker when the supervisor dies (even by SIGKILL), so an
+    orphan never keeps serving on the shared port."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own drain must do
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(target: Callable[[], int], parent: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    _die_with_parent(parent)
     os._exit(target())

@@ -9,7 +9,6 @@ SIGTERM / SIGINT stop accepting, let in-flight requests finish within
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -66,8 +65,7 @@ async def _site(runner: web.BaseRunner, listen: Listen, reuse_port: bool) -> Non
     try:
         await site.start()
     except OSError as exc:
-        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise ListenError(f"cannot listen on {listen}: {reason}") from exc
+        raise ListenError(listen.bind_error(exc)) from exc
 
 
 async def serve(config: Config, *, reuse_port: bool = False, ready_fd: int | None = None) -> int:

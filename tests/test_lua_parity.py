@@ -110,8 +110,9 @@ class Twins:
         for i, (policy, key) in enumerate(zip(self.policies, self.keys, strict=True)):
             assert read_state(self.conn, policy, key) == self.states[i], policy
             if i in touched and self.pttl[i] >= 0:
-                # PTTL runs on Redis's own clock, which may tick during the MULTI.
-                assert 0 <= ttl_ms(policy, self.states[i], now_ms) - self.pttl[i] <= 50
+                # PTTL runs on Redis's own clock, which ticks during the MULTI; on a loaded
+                # 2-core machine Redis can be descheduled mid-MULTI, hence the slack.
+                assert 0 <= ttl_ms(policy, self.states[i], now_ms) - self.pttl[i] <= 1000
             elif self.states[i] is not None:
                 assert self.pttl[i] == -1  # untouched since the last PERSIST
 
