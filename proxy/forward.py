@@ -90,6 +90,8 @@ class UpstreamClient:
     """A pooled HTTP client for one upstream."""
 
     def __init__(self, upstream: Upstream, metrics: Metrics) -> None:
+        self.active = 0  # requests using this pool right now
+        self.idle = asyncio.Event()
         self.upstream = upstream
         self.base = upstream.url
         self.metrics = metrics
@@ -123,6 +125,28 @@ class UpstreamClient:
         extra_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
         """Send ``request`` upstream and stream the answer back (``extra_headers`` added)."""
+        self.active += 1
+        try:
+            return await self._forward(request, trusted_peer, max_body, extra_headers)
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self.idle.set()
+
+    async def retire(self) -> None:
+        """Close once the requests (and WebSockets) already using this pool are done."""
+        while self.active:
+            self.idle.clear()
+            await self.idle.wait()
+        await self.close()
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        trusted_peer: bool,
+        max_body: int,
+        extra_headers: Mapping[str, str] | None,
+    ) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request, trusted_peer)
         length = request.content_length

@@ -60,6 +60,7 @@ class Runtime:
         self.reload_error_at: float | None = None
         self.metrics.config_loaded.set(config.source.loaded_at)
         self._retired: set[asyncio.Task[None]] = set()
+        self._stale: set[UpstreamClient] = set()  # replaced pools still finishing requests
 
     def _build(self, config: Config, current: dict[str, UpstreamClient]) -> Snapshot:
         clients: dict[str, UpstreamClient] = {}
@@ -107,23 +108,23 @@ class Runtime:
         kept = set(map(id, self.snapshot.upstreams.values()))
         stale = [c for c in old.upstreams.values() if id(c) not in kept]
         if stale:
-            task = asyncio.get_running_loop().create_task(
-                self._retire(stale, new.server.shutdown_grace)
-            )
+            self._stale.update(stale)
+            task = asyncio.get_running_loop().create_task(self._retire(stale))
             self._retired.add(task)
             task.add_done_callback(self._retired.discard)
         return True
 
-    async def _retire(self, clients: list[UpstreamClient], grace: float) -> None:
+    async def _retire(self, clients: list[UpstreamClient]) -> None:
         """Close replaced upstream pools once requests already using them are done."""
-        await asyncio.sleep(grace)
-        for client in clients:
-            await client.close()
+        await asyncio.gather(*(client.retire() for client in clients))
+        self._stale.difference_update(clients)
 
     async def close(self) -> None:
         for task in list(self._retired):
             task.cancel()
         await asyncio.gather(*self._retired, return_exceptions=True)
+        for stale in self._stale:
+            await stale.close()
         for client in self.snapshot.upstreams.values():
             await client.close()
         await self.limiter.close()
