@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison = report.compare(samples, plan.loads, proxies)
     meta = describe(args, layout, endpoints, started, load_before)
     print(header(meta))
-    print(report.render(summary, comparison, plan.loads, args.rounds))
+    print(report.render(summary, comparison, plan.loads, samples, args.rounds))
     report.write_json(args.output, meta, samples, summary, comparison)
     print(f"\nwrote {args.output}")
     return 0

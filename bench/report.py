@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from statistics import median
+from statistics import mean, median
 from typing import Any
 
 from bench.runner import Sample
@@ -19,6 +19,7 @@ TARGET_P50_MS = 1.0
 TARGET_P99_MS = 5.0
 THROUGHPUT_LOAD = "loaded"
 MODERATE_LOAD = "paced"
+DISTURBED = 0.2  # CPUs busy outside the bench above which a figure is suspect
 
 Stat = dict[str, float]
 
@@ -148,7 +149,8 @@ def _tables(summary: Any, loads: Sequence[Load], rounds: int) -> list[str]:
         "",
         "CPU us/req: CPU time of the target's own processes per request (for the upstream",
         "  row, the upstream's). other CPU: CPUs kept busy by processes outside the bench",
-        f"  during the measurement, out of {os.cpu_count()}; above ~0.2 the row is disturbed.",
+        f"  during the measurement, out of {os.cpu_count()}; above {DISTURBED} the row is"
+        " disturbed.",
     ]
 
 
@@ -184,9 +186,34 @@ def _added_latency(comparison: Any) -> list[str]:
     return lines
 
 
-def render(summary: Any, comparison: Any, loads: Sequence[Load], rounds: int) -> str:
+def disturbance(samples: Sequence[Sample]) -> float:
+    """Mean CPUs taken by processes outside the bench over all measurements."""
+    return mean(s.foreign_cpu for s in samples) if samples else 0.0
+
+
+def _warning(samples: Sequence[Sample]) -> list[str]:
+    other = disturbance(samples)
+    if other < DISTURBED:
+        return []
+    return [
+        "",
+        f"WARNING: other processes kept {other:.2f} of {os.cpu_count()} CPUs busy on average"
+        " during this run:",
+        "  absolute figures are low and noisy; trust the paired ratios (and the CPU-bound",
+        "  ones) more, and rerun on a quiet machine before quoting numbers.",
+    ]
+
+
+def render(
+    summary: Any, comparison: Any, loads: Sequence[Load], samples: Sequence[Sample], rounds: int
+) -> str:
     return "\n".join(
-        [*_tables(summary, loads, rounds), *_ratios(comparison), *_added_latency(comparison)]
+        [
+            *_tables(summary, loads, rounds),
+            *_ratios(comparison),
+            *_added_latency(comparison),
+            *_warning(samples),
+        ]
     )
 
 
@@ -199,6 +226,7 @@ def write_json(
         "summary": summary,
         "comparison": comparison,
         "verdicts": verdicts(comparison),
+        "foreign_cpu_mean": disturbance(samples),
         "samples": [
             {
                 "round": s.round,
