@@ -204,7 +204,13 @@ async def test_deadline_fails_the_call_and_the_connection_recovers(redis: RedisS
         elapsed = time.monotonic() - started
         assert all(isinstance(r, StorageTimeout) for r in results), results[:3]
         assert 0.09 <= elapsed < 0.35
-        # Queued behind the 50 late replies on the one connection: they must be dropped.
+        # A call sent while Redis is still paused gets its own deadline too.
+        started = time.monotonic()
+        with pytest.raises(StorageTimeout):
+            await fast.execute("ECHO", "still-paused")
+        assert time.monotonic() - started < 0.2
+        await asyncio.sleep(0.45 - (time.monotonic() - started))  # the pause is over
+        # Queued behind the late replies on the one connection: they must be dropped.
         assert await fast.execute("ECHO", "fresh") == b"fresh"
         assert await asyncio.gather(*(fast.execute("ECHO", str(i)) for i in range(10))) == [
             str(i).encode() for i in range(10)

@@ -418,8 +418,9 @@ def evaluate(
     """Decide one request's checks together, all-or-nothing.
 
     Every check is evaluated on its own; if any enforced check denies,
-    ``states`` is None (nothing may be written, no check consumes quota) and
-    every token is "". Otherwise ``states[i]`` is what to store for check ``i``
+    ``states`` is None (nothing may be written, no check consumes quota),
+    every token is "", and the checks that would have allowed report their
+    unconsumed standing (a cost-0 check). Otherwise ``states[i]`` is what to store for check ``i``
     and ``tokens[i]`` what :func:`refund` needs to undo it. A ``shadow`` check
     is decided and reported like the others but never vetoes the call; when it
     denies it consumes nothing (its state is returned unchanged, token "").
@@ -442,7 +443,13 @@ def evaluate(
             [v.state if v.allowed else s for v, s in zip(verdicts, states, strict=True)],
             [v.token if v.allowed else "" for v in verdicts],
         )
-    return Decision(outcomes, None, [""] * len(verdicts))
+    # Denied: nothing is consumed, so a check that would have allowed reports its
+    # standing as it is (a cost-0 check), not as if this request had been charged.
+    standing = [
+        o if not v.allowed else _outcome(p, _verdict(p, s, now, 0))
+        for p, s, v, o in zip(policies, states, verdicts, outcomes, strict=True)
+    ]
+    return Decision(standing, None, [""] * len(verdicts))
 
 
 def decide(

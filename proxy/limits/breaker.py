@@ -48,6 +48,11 @@ class Breaker:
             return True
         return False
 
+    def abandon(self) -> None:
+        """A call that ended with neither success nor failure (its request was cancelled):
+        free the probe slot so the next call can probe."""
+        self.probing = False
+
     def success(self) -> None:
         self.failures = 0
         self.probing = False

@@ -12,6 +12,7 @@ where fail-open/closed is decided.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -249,6 +250,9 @@ class Limiter:
                 outcomes = await self.store.decide(checks)
             except StorageError as exc:
                 self._storage_failed(exc)
+            except asyncio.CancelledError:  # the client went away mid-call
+                self.breaker.abandon()
+                raise
             else:
                 self.storage_calls += 1
                 self._latency.observe(time.perf_counter() - started)
@@ -296,7 +300,8 @@ class Limiter:
             )
             if not allowed:
                 denied.extend(o for o in mine if not o.allowed)
-                self._remember_denial(rule.name, p.client, p.cost, retry, mine)
+                if not degraded:  # a local fallback's denial must not outlive the outage
+                    self._remember_denial(rule.name, p.client, p.cost, retry, mine)
         families = headers.families
         if denied:
             first = next(d for d in verdict.decisions if d.result == "rejected")

@@ -162,7 +162,11 @@ class RedisConnection(asyncio.Protocol):
         wbuf.append(packed)
         if len(wbuf) == 1:
             loop.call_soon(self._flush)
-        if self._timer is None:
+        timer = self._timer
+        if timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        elif deadline < timer.when():  # armed for the stuck check, later than this call's deadline
+            timer.cancel()
             self._timer = loop.call_at(deadline, self._on_timer)
         return fut
 

@@ -56,6 +56,18 @@ if admitted and not refunding then
   for i, key in ipairs(KEYS) do
     if checks[i].allowed then checks[i].algorithm.commit(key, checks[i]) end
   end
+elseif not refunding then
+  -- Denied: nothing was consumed, so a check that would have allowed reports its
+  -- standing as it is (a cost-0 check), not as if this request had been charged.
+  for i, key in ipairs(KEYS) do
+    if checks[i].allowed then
+      local at = 2 + (i - 1) * width
+      local v = checks[i].algorithm.check(key, now, 0, tonumber(ARGV[at + 3]),
+        math.floor(tonumber(ARGV[at + 4]) * 1000 + 0.5), tonumber(ARGV[at + 5]))
+      v.algorithm = checks[i].algorithm
+      checks[i] = v
+    end
+  end
 end
 
 local reply = {}
