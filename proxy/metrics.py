@@ -11,6 +11,7 @@ files there and ``/metrics`` on any worker adds all of them up.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -48,6 +49,21 @@ LATENCY_BUCKETS = (
     30.0,
 )
 STORAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class Children:
+    """A metric's labelled children, kept: ``labels()`` validates and locks on every call,
+    and on the request path the label sets are few and bounded (config names)."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
 
 
 def method_label(method: str) -> str:

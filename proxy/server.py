@@ -10,7 +10,7 @@ import logging
 
 from aiohttp import web
 
-from proxy.metrics import method_label, status_class
+from proxy.metrics import Children, method_label, status_class
 from proxy.replies import json_error, json_reply
 from proxy.runtime import Runtime
 
@@ -20,16 +20,15 @@ log = logging.getLogger("sluice.server")
 class MainHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.in_flight = 0
+        self.requests = Children(runtime.metrics.requests)
+        self.in_flight = runtime.metrics.in_flight
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         snap = self.runtime.snapshot
-        metrics = self.runtime.metrics
         route = snap.router.route_for(request.method, request.path, request.host, request.headers)
         route_name = route.name if route else "none"
         status = 500
-        self.in_flight += 1
-        metrics.in_flight.inc()
+        self.in_flight.inc()
         try:
             if route is None:
                 response: web.StreamResponse = json_error(
@@ -61,11 +60,8 @@ class MainHandler:
             status = response.status
             return response
         finally:
-            self.in_flight -= 1
-            metrics.in_flight.dec()
-            metrics.requests.labels(
-                route_name, method_label(request.method), status_class(status)
-            ).inc()
+            self.in_flight.dec()
+            self.requests(route_name, method_label(request.method), status_class(status)).inc()
 
 
 def make_server(runtime: Runtime) -> web.Server:

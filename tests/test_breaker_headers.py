@@ -66,8 +66,8 @@ def test_success_resets_the_failure_count() -> None:
 
 def test_render_both_families() -> None:
     quotas = [
-        Quoted("burst", 1, Outcome(True, 10, 7, 300.0, 0.0)),
-        Quoted('we"ird', 86400, Outcome(True, 1000, 2, 50_000_001.0, 0.0)),
+        Quoted.of("burst", 1, Outcome(True, 10, 7, 300.0, 0.0)),
+        Quoted.of('we"ird', 86400, Outcome(True, 1000, 2, 50_000_001.0, 0.0)),
     ]
     h = render(quotas, ("x-ratelimit", "ietf"))
     assert h["X-RateLimit-Limit"] == "1000"  # the binding quota: fewest left

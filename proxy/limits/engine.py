@@ -23,11 +23,11 @@ from proxy.config import Config, HeaderPolicy, StorageConfig
 from proxy.errors import StorageError
 from proxy.limits.algorithms import Outcome, Policy
 from proxy.limits.breaker import Breaker
-from proxy.limits.headers import Quoted, render, retry_after_seconds
+from proxy.limits.headers import Quoted, policy_item, render, retry_after_seconds, sf_string
 from proxy.limits.identity import RequestView, client_ip, identify
 from proxy.limits.store import Check, LimitStore, MemoryLimitStore
 from proxy.limitspec import LimitRule
-from proxy.metrics import Metrics
+from proxy.metrics import Children, Metrics
 
 log = logging.getLogger("sluice.limits")
 DENY_CACHE_MAX = 100_000
@@ -54,8 +54,8 @@ class RulePlan:
     rule: LimitRule
     policies: tuple[Policy, ...]
     local_policies: tuple[Policy, ...]  # limits divided by storage.expected_instances
-    names: tuple[str, ...]  # how each quota is named in the IETF headers
-    windows: tuple[float, ...]
+    labels: tuple[str, ...]  # each quota's name in the IETF headers (sf-string)
+    policy_items: tuple[str, ...]  # each quota's RateLimit-Policy member
     tags: tuple[str, ...]  # per quota: "<rule>:<algorithm>:<fingerprint>", part of its key
 
 
@@ -86,8 +86,10 @@ def plan_rules(limits: Mapping[str, LimitRule], storage: StorageConfig) -> dict[
             rule,
             policies,
             local,
-            names,
-            tuple(q.window for q in rule.quotas),
+            tuple(sf_string(n) for n in names),
+            tuple(
+                policy_item(n, q.limit, q.window) for n, q in zip(names, rule.quotas, strict=True)
+            ),
             tuple(f"{name}:{ALGO_TAGS[p.algorithm]}:{_fingerprint(p)}" for p in policies),
         )
     return plans
@@ -156,7 +158,8 @@ class Limiter:
         self.storage_calls = 0
         self.last_error: str | None = None
         self.on_transition: list[Callable[[str, str], None]] = []
-        self._decisions = metrics.decisions
+        self._decisions = Children(metrics.decisions)
+        self._cache_hits = Children(metrics.deny_cache_hits)
         self._latency = metrics.storage_latency.labels("ratelimit")
         self._last_log = 0.0
 
@@ -291,12 +294,13 @@ class Limiter:
                 result = "degraded" if degraded else "allowed"
             else:
                 result = "shadow_rejected" if rule.shadow else "rejected"
-            self._decisions.labels(rule.name, result).inc()
+            self._decisions(rule.name, result).inc()
             verdict.decisions.append(RuleDecision(rule, p.client, allowed, mine, result, retry))
             if rule.shadow:
                 continue
             quoted.extend(
-                Quoted(n, w, o) for n, w, o in zip(p.plan.names, p.plan.windows, mine, strict=True)
+                Quoted(lb, pi, o)
+                for lb, pi, o in zip(p.plan.labels, p.plan.policy_items, mine, strict=True)
             )
             if not allowed:
                 denied.extend(o for o in mine if not o.allowed)
@@ -351,11 +355,12 @@ class Limiter:
             for o in outcomes
         ]
         rule = plan.rule
-        self.metrics.deny_cache_hits.labels(rule.name).inc()
-        self._decisions.labels(rule.name, "rejected").inc()
+        self._cache_hits(rule.name).inc()
+        self._decisions(rule.name, "rejected").inc()
         seconds = retry_after_seconds([o for o in current if not o.allowed])
         quoted = [
-            Quoted(n, w, o) for n, w, o in zip(plan.names, plan.windows, current, strict=True)
+            Quoted(lb, pi, o)
+            for lb, pi, o in zip(plan.labels, plan.policy_items, current, strict=True)
         ]
         return Verdict(
             429,
@@ -368,7 +373,7 @@ class Limiter:
         local = [p for p in pending if p.plan.rule.on_storage_error == "local"]
         for p in pending:
             if p.plan.rule.on_storage_error == "deny" and not p.plan.rule.shadow:
-                self._decisions.labels(p.plan.rule.name, "degraded").inc()
+                self._decisions(p.plan.rule.name, "degraded").inc()
                 return Verdict(
                     503,
                     {
@@ -381,7 +386,7 @@ class Limiter:
                 )
         for p in pending:
             if p.plan.rule.on_storage_error == "allow":
-                self._decisions.labels(p.plan.rule.name, "degraded").inc()
+                self._decisions(p.plan.rule.name, "degraded").inc()
         if not local:
             return Verdict(degraded=True)
         local_pending = [

@@ -24,19 +24,30 @@ from proxy.limits.algorithms import Outcome
 
 @dataclass(frozen=True, slots=True)
 class Quoted:
-    """One quota's outcome and how it is named in the headers."""
+    """One quota's outcome, with its header label and policy member pre-rendered
+    (both are static per quota, so the engine builds them once per config)."""
 
-    name: str
-    window_s: float
+    label: str  # the quota's name as an sf-string
+    policy: str  # its RateLimit-Policy member
     outcome: Outcome
+
+    @classmethod
+    def of(cls, name: str, window_s: float, outcome: Outcome) -> Quoted:
+        return cls(sf_string(name), policy_item(name, outcome.limit, window_s), outcome)
 
 
 def _seconds(ms: float) -> int:
     return max(0, math.ceil(ms / 1000 - 1e-9))
 
 
-def _sf_string(text: str) -> str:
+def sf_string(text: str) -> str:
+    """An RFC 8941 sf-string."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def policy_item(name: str, limit: int, window_s: float) -> str:
+    """One ``RateLimit-Policy`` member (static per quota: built once per config)."""
+    return f"{sf_string(name)};q={limit};w={max(1, round(window_s))}"
 
 
 def retry_after_seconds(denied: Sequence[Outcome]) -> int:
@@ -58,12 +69,8 @@ def render(
         headers["X-RateLimit-Remaining"] = str(binding.outcome.remaining)
         headers["X-RateLimit-Reset"] = str(_seconds(binding.outcome.reset_ms))
     if "ietf" in families:
-        headers["RateLimit-Policy"] = ", ".join(
-            f"{_sf_string(q.name)};q={q.outcome.limit};w={max(1, round(q.window_s))}"
-            for q in quotas
-        )
+        headers["RateLimit-Policy"] = ", ".join(q.policy for q in quotas)
         headers["RateLimit"] = ", ".join(
-            f"{_sf_string(q.name)};r={q.outcome.remaining};t={_seconds(q.outcome.reset_ms)}"
-            for q in quotas
+            f"{q.label};r={q.outcome.remaining};t={_seconds(q.outcome.reset_ms)}" for q in quotas
         )
     return headers

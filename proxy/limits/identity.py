@@ -72,10 +72,12 @@ def _forwarded_for(headers: Headers) -> list[str]:
 
 def client_ip(peer: str | None, headers: Headers, trusted: Sequence[IPNetwork]) -> str:
     """The caller's address: the peer, or what trusted proxies say it forwarded."""
+    if not trusted:  # the common case: the peer, as the socket reported it
+        return peer or "unknown"
     address = _parse_ip(peer or "")
     if address is None:
         return peer or "unknown"
-    if not trusted or not _is_trusted(address, trusted):
+    if not _is_trusted(address, trusted):
         return str(address)
     xff = headers.getall("X-Forwarded-For", ())
     hops = (

@@ -15,6 +15,7 @@ each must belong to one algorithm only (its Redis type differs per algorithm).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from importlib.resources import files
@@ -41,17 +42,18 @@ def _now_arg(now_ms: float | None) -> str:
     return "" if now_ms is None else repr(float(now_ms))
 
 
-def _policy_args(policy: Policy, cost: int, shadow: bool = False) -> list[str]:
+@functools.lru_cache(maxsize=4096)  # few policies and costs: build the strings once
+def _policy_args(policy: Policy, cost: int, shadow: bool = False) -> tuple[str, ...]:
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
         raise ValueError(f"cost must be an integer >= 1, got {cost!r}")
     code = ALGORITHM_CODES[policy.algorithm]
-    return [
+    return (
         str(-code if shadow else code),  # a negative code marks a shadow check
         str(cost),
         str(policy.limit),
         repr(float(policy.window_ms)),
         str(policy.burst),
-    ]
+    )
 
 
 def check_args(
