@@ -109,6 +109,15 @@ class HeaderPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class DecideConfig:
+    """How a decision route reads the request it decides on."""
+
+    source: str = "auto"  # auto | nginx (X-Original-URI) | envoy (the request itself)
+    strip_prefix: bool = False  # drop the route's path_prefix (Envoy's ext_authz path_prefix)
+    deny_status: int = 429  # NGINX auth_request understands only 401/403 as a denial
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     match: Match
@@ -116,6 +125,7 @@ class Route:
     limits: tuple[str, ...] = ()
     kind: str = "proxy"  # proxy | decide
     headers: HeaderPolicy = HeaderPolicy()
+    decide: DecideConfig = DecideConfig()
     line: int = 0
 
 
@@ -163,6 +173,7 @@ class ConfigSource:
 class Config:
     source: ConfigSource
     listen: Listen = Listen("0.0.0.0", 8000)
+    mode: str = "proxy"  # proxy | decide (every request on the main listener is a decision)
     admin: AdminConfig = AdminConfig()
     storage: StorageConfig = StorageConfig()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
@@ -233,6 +244,7 @@ def _url(value: object, schemes: tuple[str, ...]) -> str:
 def _build(top: Section, source: ConfigSource) -> Config:
     problems = top.problems
     listen = _listen(top, "listen", Listen("0.0.0.0", 8000))
+    mode = top.choice("mode", ("proxy", "decide"), "proxy")
     admin = _admin(top.section("admin"))
     storage = _storage(top.section("storage"))
     upstreams = {
@@ -251,7 +263,8 @@ def _build(top: Section, source: ConfigSource) -> Config:
         del i
     server = _server(top.section("server"))
     routes = tuple(
-        _route(i, sec, upstreams, limits) for i, sec in enumerate(top.list_of_sections("routes"))
+        _route(i, sec, upstreams, limits, mode)
+        for i, sec in enumerate(top.list_of_sections("routes"))
     )
     redirects = _redirects(top.section("redirects"), limits) if top.has("redirects") else None
     notifications = _notifications(top.section("notifications"))
@@ -261,6 +274,7 @@ def _build(top: Section, source: ConfigSource) -> Config:
     return Config(
         source=source,
         listen=listen,
+        mode=mode,
         admin=admin,
         storage=storage,
         upstreams=upstreams,
@@ -373,7 +387,11 @@ def _names(sec: Section, key: str, known: Mapping[str, object], what: str) -> tu
 
 
 def _route(
-    i: int, sec: Section, upstreams: Mapping[str, Upstream], limits: Mapping[str, LimitRule]
+    i: int,
+    sec: Section,
+    upstreams: Mapping[str, Upstream],
+    limits: Mapping[str, LimitRule],
+    mode: str,
 ) -> Route:
     kind = sec.choice("kind", ("proxy", "decide"), "proxy")
     upstream = sec.string("upstream")
@@ -383,7 +401,7 @@ def _route(
             "upstream",
             f"unknown upstream {upstream!r} (known: {listing})" + did_you_mean(upstream, upstreams),
         )
-    if kind == "proxy" and upstream is None and sec.ok:
+    if kind == "proxy" and mode == "proxy" and upstream is None and sec.ok:
         sec.problems.add(sec.node, sec.key_path("upstream"), "required key is missing")
     hsec = sec.section("rate_limit_headers")
     headers = HeaderPolicy()
@@ -397,6 +415,9 @@ def _route(
         headers = HeaderPolicy(families, hsec.boolean("on_allowed", True))
         hsec.finish()
     match = read_match(sec.section("match")) if sec.has("match") else Match()
+    decide = _decide(sec.section("decide")) if sec.has("decide") else DecideConfig()
+    if sec.has("decide") and kind != "decide":
+        sec.error("decide", "only routes with kind: decide take decide settings")
     route = Route(
         name=sec.string("name", f"route{i}"),
         match=match,
@@ -404,10 +425,26 @@ def _route(
         limits=_names(sec, "limits", limits, "limit"),
         kind=kind,
         headers=headers,
+        decide=decide,
         line=sec.node.line,
     )
     sec.finish()
     return route
+
+
+def _decide(sec: Section) -> DecideConfig:
+    def status(v: object) -> int:
+        if v not in (429, 403, 401):
+            raise ValueError(f"expected 429, 403 or 401, got {v!r}")
+        return int(v)  # type: ignore[call-overload,unused-ignore]
+
+    out = DecideConfig(
+        source=sec.choice("source", ("auto", "nginx", "envoy"), "auto"),
+        strip_prefix=sec.boolean("strip_prefix", False),
+        deny_status=sec.convert("deny_status", 429, status),
+    )
+    sec.finish()
+    return out
 
 
 def _redirects(sec: Section, limits: Mapping[str, LimitRule]) -> RedirectsConfig:

@@ -1,4 +1,4 @@
-"""The main listener: route, (limit), forward.
+"""The main listener: route, limit, then forward (or, in decision mode, answer).
 
 A low-level ``aiohttp.web.Server`` with one handler: Sluice adds no paths of
 its own to the main listener, so the URL dispatcher would only cost time.
@@ -10,11 +10,16 @@ import logging
 
 from aiohttp import web
 
+from proxy.config import DecideConfig, Route
+from proxy.decide import BadDescription, Described, describe
+from proxy.limits.engine import Verdict
+from proxy.limits.identity import RequestView
 from proxy.metrics import Children, method_label, status_class
 from proxy.replies import json_error, json_reply
-from proxy.runtime import Runtime
+from proxy.runtime import Runtime, Snapshot
 
 log = logging.getLogger("sluice.server")
+LISTENER_DECIDE = DecideConfig()
 
 
 class MainHandler:
@@ -25,43 +30,84 @@ class MainHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         snap = self.runtime.snapshot
-        route = snap.router.route_for(request.method, request.path, request.host, request.headers)
-        route_name = route.name if route else "none"
+        route_name = "none"
         status = 500
         self.in_flight.inc()
         try:
-            if route is None:
-                response: web.StreamResponse = json_error(
-                    404, "no_route", f"no route matches {request.method} {request.path}"
-                )
-            elif route.upstream is None:
-                response = json_error(404, "no_upstream", f"route {route.name} forwards nowhere")
+            if snap.config.mode == "decide":
+                route_name, response = await self._decide_listener(request, snap)
             else:
-                extra: dict[str, str] | None = None
-                if route.limits:
-                    verdict = await self.runtime.limiter.check(
-                        snap.config,
-                        snap.plans,
-                        route.limits,
-                        request,
-                        request.remote,
-                        route.name,
-                        route.headers,
-                    )
-                    if verdict.status is not None:
-                        response = json_reply(verdict.status, verdict.body or {}, verdict.headers)
-                        status = response.status
-                        return response
-                    extra = verdict.headers
-                client = snap.upstreams[route.upstream]
-                response = await client.forward(
-                    request, snap.trusted(request.remote), snap.config.server.max_body_size, extra
+                route = snap.router.route_for(
+                    request.method, request.path, request.host, request.headers
                 )
+                if route is not None:
+                    route_name = route.name
+                response = await self._serve(request, snap, route)
             status = response.status
             return response
         finally:
             self.in_flight.dec()
             self.requests(route_name, method_label(request.method), status_class(status)).inc()
+
+    async def _serve(
+        self, request: web.BaseRequest, snap: Snapshot, route: Route | None
+    ) -> web.StreamResponse:
+        if route is None:
+            return json_error(404, "no_route", f"no route matches {request.method} {request.path}")
+        if route.kind == "decide":
+            strip = route.match.path_prefix if route.decide.strip_prefix else None
+            try:
+                described = describe(request, route.decide.source, strip)
+            except BadDescription as exc:
+                return json_error(400, "bad_decision_request", str(exc))
+            return await self._decision(request, snap, route, described, route.decide)
+        if route.upstream is None:
+            return json_error(404, "no_upstream", f"route {route.name} forwards nowhere")
+        extra: dict[str, str] | None = None
+        if route.limits:
+            verdict = await self._limit(request, snap, route, request)
+            if verdict.status is not None:
+                return json_reply(verdict.status, verdict.body or {}, verdict.headers)
+            extra = verdict.headers
+        client = snap.upstreams[route.upstream]
+        return await client.forward(
+            request, snap.trusted(request.remote), snap.config.server.max_body_size, extra
+        )
+
+    async def _limit(
+        self, request: web.BaseRequest, snap: Snapshot, route: Route, view: RequestView
+    ) -> Verdict:
+        return await self.runtime.limiter.check(
+            snap.config, snap.plans, route.limits, view, request.remote, route.name, route.headers
+        )
+
+    async def _decide_listener(
+        self, request: web.BaseRequest, snap: Snapshot
+    ) -> tuple[str, web.StreamResponse]:
+        """``mode: decide``: the described request is routed like proxied traffic would be."""
+        try:
+            described = describe(request, "auto")
+        except BadDescription as exc:
+            return "none", json_error(400, "bad_decision_request", str(exc))
+        host = request.headers.get("X-Forwarded-Host") or request.host
+        route = snap.router.route_for(described.method, described.path, host, described.headers)
+        if route is None:  # nothing limits this request
+            return "none", web.Response(status=200, text="allowed\n")
+        return route.name, await self._decision(request, snap, route, described, LISTENER_DECIDE)
+
+    async def _decision(
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        route: Route,
+        described: Described,
+        decide: DecideConfig,
+    ) -> web.StreamResponse:
+        verdict = await self._limit(request, snap, route, described)
+        if verdict.status is None:
+            return web.Response(status=200, text="allowed\n", headers=verdict.headers)
+        status = decide.deny_status if verdict.status == 429 else verdict.status
+        return json_reply(status, verdict.body or {}, verdict.headers)
 
 
 def make_server(runtime: Runtime) -> web.Server:
