@@ -1,0 +1,337 @@
+"""The SQLite outbox: ``<data_dir>/events.sqlite3`` for the embedded (no-Redis) setup.
+
+One row per (subscription, event). Every call runs on one dedicated thread
+that owns the connection, so the event loop never blocks on disk. WAL mode
+with ``synchronous=FULL``: a committed append survives a crash of the process
+or the machine. Several processes may share the file: claims run in
+``BEGIN IMMEDIATE`` transactions and lease rows (``leased_until``), so a lease
+left by a crashed process simply expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from proxy.errors import StorageError
+from proxy.events.model import Event
+from proxy.events.outbox import DeadLetter, Delivery, QueueStats, SubscriptionState
+
+T = TypeVar("T")
+FILENAME = "events.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    sub TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    unit TEXT,                          -- retry unit once a delivery failed
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    leased_until REAL NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    last_error TEXT,
+    dead_at REAL,                       -- set: a dead letter
+    dead_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_fresh ON outbox (sub, seq)
+    WHERE unit IS NULL AND dead_at IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (sub, next_attempt_at, unit)
+    WHERE unit IS NOT NULL AND dead_at IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (sub, event_id) WHERE dead_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS subscriptions (
+    sub TEXT PRIMARY KEY,
+    disabled INTEGER NOT NULL DEFAULT 0,
+    disabled_reason TEXT,
+    last_success REAL,
+    last_error TEXT,
+    last_error_at REAL,
+    failures INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqliteOutbox:
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self._busy_ms = int(busy_timeout * 1000)
+        self._conn: sqlite3.Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-outbox")
+        self._closed = False
+
+    @classmethod
+    def in_dir(cls, data_dir: str | Path) -> SqliteOutbox:
+        return cls(Path(data_dir) / FILENAME)
+
+    # -- the thread ------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StorageError("the events outbox is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._tx, fn)
+        except sqlite3.Error as exc:
+            raise StorageError(f"events outbox {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, sub: str, success: bool, error: str, now: float) -> None:
+        db.execute("INSERT OR IGNORE INTO subscriptions (sub) VALUES (?)", (sub,))
+        if success:
+            db.execute(
+                "UPDATE subscriptions SET last_success=?, failures=0 WHERE sub=?", (now, sub)
+            )
+        else:
+            db.execute(
+                "UPDATE subscriptions SET last_error=?, last_error_at=?, failures=failures+1 "
+                "WHERE sub=?",
+                (error, now, sub),
+            )
+
+    # -- the Outbox protocol ---------------------------------------------------
+
+    async def append(self, subscription: str, events: Sequence[Event]) -> None:
+        rows = [(subscription, e.id, e.raw, e.timestamp, e.timestamp) for e in events]
+
+        def run(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO outbox (sub, event_id, body, created_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+
+        if rows:
+            await self._run(run)
+
+    def _lease(self, db: sqlite3.Connection, seqs: list[int], consumer: str, until: float) -> None:
+        db.execute(
+            f"UPDATE outbox SET leased_until=?, lease_owner=? WHERE seq IN ({_marks(len(seqs))})",
+            (until, consumer, *seqs),
+        )
+
+    async def claim_new(
+        self, subscription: str, consumer: str, now: float, lease: float, limit: int
+    ) -> list[Delivery]:
+        def run(db: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            rows = db.execute(
+                "SELECT seq, body FROM outbox WHERE sub=? AND unit IS NULL AND dead_at IS NULL "
+                "AND leased_until<=? ORDER BY seq LIMIT ?",
+                (subscription, now, limit),
+            ).fetchall()
+            if rows:
+                self._lease(db, [r[0] for r in rows], consumer, now + lease)
+            return rows
+
+        rows = await self._run(run)
+        out = []
+        for seq, body in rows:
+            try:
+                out.append(Delivery((Event.from_json(body),), 0, None, (str(seq),)))
+            except ValueError as exc:
+                await self._bury_unreadable(subscription, seq, str(exc), now)
+        return out
+
+    async def _bury_unreadable(self, subscription: str, seq: int, error: str, now: float) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE outbox SET dead_at=?, dead_reason=? WHERE seq=?",
+                (now, f"unreadable: {error}", seq),
+            )
+
+        await self._run(run)
+
+    async def claim_due(
+        self, subscription: str, consumer: str, now: float, lease: float
+    ) -> Delivery | None:
+        def run(db: sqlite3.Connection) -> tuple[str, list[tuple[int, bytes, int]]] | None:
+            found = db.execute(
+                "SELECT unit FROM outbox WHERE sub=? AND unit IS NOT NULL AND dead_at IS NULL "
+                "AND next_attempt_at<=? AND leased_until<=? ORDER BY next_attempt_at LIMIT 1",
+                (subscription, now, now),
+            ).fetchone()
+            if found is None:
+                return None
+            rows = db.execute(
+                "SELECT seq, body, attempts FROM outbox WHERE sub=? AND unit=? "
+                "AND dead_at IS NULL ORDER BY seq",
+                (subscription, found[0]),
+            ).fetchall()
+            self._lease(db, [r[0] for r in rows], consumer, now + lease)
+            return found[0], rows
+
+        claimed = await self._run(run)
+        if claimed is None:
+            return None
+        unit, rows = claimed
+        events = tuple(Event.from_json(body) for _, body, _ in rows)
+        attempts = max(r[2] for r in rows)
+        return Delivery(events, attempts, unit, tuple(str(r[0]) for r in rows))
+
+    async def ack(self, subscription: str, delivery: Delivery, now: float) -> None:
+        seqs = [int(h) for h in delivery.handles]
+
+        def run(db: sqlite3.Connection) -> None:
+            db.execute(f"DELETE FROM outbox WHERE seq IN ({_marks(len(seqs))})", seqs)
+            self._record(db, subscription, True, "", now)
+
+        await self._run(run)
+
+    async def retry(
+        self,
+        subscription: str,
+        delivery: Delivery,
+        *,
+        unit: str,
+        attempts: int,
+        at: float,
+        error: str,
+        now: float,
+    ) -> None:
+        seqs = [int(h) for h in delivery.handles]
+
+        def run(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE outbox SET unit=?, attempts=?, next_attempt_at=?, leased_until=0, "
+                f"lease_owner=NULL, last_error=? WHERE seq IN ({_marks(len(seqs))}) "
+                "AND dead_at IS NULL",
+                (unit, attempts, at, error, *seqs),
+            )
+            self._record(db, subscription, False, error, now)
+
+        await self._run(run)
+
+    async def bury(
+        self, subscription: str, delivery: Delivery, *, attempts: int, reason: str, now: float
+    ) -> None:
+        seqs = [int(h) for h in delivery.handles]
+
+        def run(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE outbox SET dead_at=?, dead_reason=?, attempts=?, unit=NULL, "
+                f"leased_until=0, lease_owner=NULL WHERE seq IN ({_marks(len(seqs))})",
+                (now, reason, attempts, *seqs),
+            )
+            self._record(db, subscription, False, reason, now)
+
+        await self._run(run)
+
+    async def dead_letters(
+        self, subscription: str, after: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        def run(db: sqlite3.Connection) -> list[tuple[bytes, int, str, float]]:
+            return db.execute(
+                "SELECT body, attempts, dead_reason, dead_at FROM outbox WHERE sub=? "
+                "AND dead_at IS NOT NULL AND event_id>? ORDER BY event_id LIMIT ?",
+                (subscription, after or "", limit),
+            ).fetchall()
+
+        rows = await self._run(run)
+        return [DeadLetter(Event.from_json(b), a, r or "", d) for b, a, r, d in rows]
+
+    async def replay(self, subscription: str, ids: Sequence[str] | None, now: float) -> int:
+        chosen = list(ids) if ids is not None else None
+
+        def run(db: sqlite3.Connection) -> int:
+            sql = (
+                "UPDATE outbox SET dead_at=NULL, dead_reason=NULL, unit=NULL, attempts=0, "
+                "next_attempt_at=?, leased_until=0, lease_owner=NULL "
+                "WHERE sub=? AND dead_at IS NOT NULL"
+            )
+            args: list[Any] = [now, subscription]
+            if chosen is not None:
+                if not chosen:
+                    return 0
+                sql += f" AND event_id IN ({_marks(len(chosen))})"
+                args += chosen
+            return db.execute(sql, args).rowcount
+
+        return await self._run(run)
+
+    async def state(self, subscription: str) -> SubscriptionState:
+        def run(db: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = db.execute(
+                "SELECT disabled, disabled_reason, last_success, last_error, last_error_at, "
+                "failures FROM subscriptions WHERE sub=?",
+                (subscription,),
+            ).fetchone()
+            return row
+
+        row = await self._run(run)
+        if row is None:
+            return SubscriptionState()
+        return SubscriptionState(bool(row[0]), row[1], row[2], row[3], row[4], int(row[5]))
+
+    async def set_disabled(
+        self, subscription: str, disabled: bool, reason: str | None, now: float
+    ) -> None:
+        def run(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO subscriptions (sub) VALUES (?)", (subscription,))
+            db.execute(
+                "UPDATE subscriptions SET disabled=?, disabled_reason=? WHERE sub=?",
+                (int(disabled), reason if disabled else None, subscription),
+            )
+            if not disabled:
+                db.execute("UPDATE subscriptions SET failures=0 WHERE sub=?", (subscription,))
+
+        await self._run(run)
+
+    async def stats(self, subscription: str) -> QueueStats:
+        def run(db: sqlite3.Connection) -> QueueStats:
+            depth, oldest = db.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE sub=? AND dead_at IS NULL",
+                (subscription,),
+            ).fetchone()
+            (dead,) = db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE sub=? AND dead_at IS NOT NULL", (subscription,)
+            ).fetchone()
+            return QueueStats(int(depth), oldest, int(dead))
+
+        return await self._run(run)
+
+    async def maintain(self, subscription: str) -> None:
+        return None  # rows leave the table when delivered
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, shut)
+        self._executor.shutdown(wait=True)
