@@ -5,16 +5,25 @@
 * a fast upstream: nginx answering ``return 200`` with a small fixed body
   (~10 us of CPU per request, against ~45 us for a minimal aiohttp server,
   so on two cores the upstream takes as little as possible from the proxy);
-* every target of ``targets.TARGETS``: the upstream itself, Sluice, nginx
-  ``proxy_pass`` and a bare aiohttp forwarder (``bare_forwarder.py``).
+* every target of ``targets.TARGETS``: the upstream itself, Sluice with no
+  rules, Sluice with one and with five Redis-backed rules (limits never
+  reached), Sluice with one rule every request is over (429s from the local
+  deny cache), nginx ``proxy_pass`` and a bare aiohttp forwarder
+  (``bare_forwarder.py``); the Redis-backed variants share one redis-server.
 
 Each target is then loaded with wrk three ways, interleaved in rounds:
 "loaded" (throughput: -t1 -c32), "paced" (a moderate rate: ``paced.lua``)
 and "unloaded" (one connection: added latency without queueing). The report
 gives medians over rounds, ratios paired within rounds, CPU per request of
-each target, and how busy other processes kept the machine meanwhile; it is
-also written to ``bench/results/latest.json``. By default the target runs
-alone on one CPU, wrk and the upstream on the other (``procs.LAYOUTS``).
-Everything started is stopped by PID, also on Ctrl-C or SIGTERM.
-``--quick`` is a ~20 s smoke run.
+each target, and how busy other processes kept the machine meanwhile. For
+the Redis-backed targets it counts the commands Redis ran during every run
+(``INFO commandstats``, ``redis_stats.py``): storage round trips per request.
+Then, on a fresh redis-server, it creates 100,000 clients per algorithm
+through the real check script and keys and reports Redis memory per tracked
+client (``redis_memory.py``). Everything is also written to
+``bench/results/latest.json``, and the short table the README quotes to
+``bench/results/latest.md``. By default the target runs alone on one CPU;
+wrk, the upstream and Redis share the other (``procs.LAYOUTS``). Everything
+started is stopped by PID, also on Ctrl-C or SIGTERM. A default run takes
+about 4 minutes; ``--quick`` is a ~45 s smoke run.
 """

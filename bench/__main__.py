@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 import bench
-from bench import report, runner
+from bench import redis_memory, report, runner
 from bench.meta import describe, header
 from bench.procs import DEFAULT_LAYOUT, LAYOUTS, BenchError, resolve_layout
 from bench.targets import BY_NAME, TARGETS, Endpoint, Lab
@@ -63,18 +63,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results (bench/results/...)"
     )
+    parser.add_argument(
+        "--memory-clients",
+        type=int,
+        default=100_000,
+        help="clients created per algorithm for Redis memory per client (default 100000; 0: skip)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=8.0,
+        help="seconds at most per algorithm creating them (default 8; fewer clients if over)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
     parser.add_argument(
-        "--quick", action="store_true", help="~20 s smoke run: 1 round, 2 s loaded, 1 s latency"
+        "--quick",
+        action="store_true",
+        help="~1 min smoke run: 1 round, 2 s loaded, 1 s latency, 10000 clients for memory",
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.latency_duration, args.warmup = 1, 2, 1, 1
+        args.memory_clients = min(args.memory_clients, 10_000)
     unknown = [n for n in args.targets.split(",") if n not in BY_NAME]
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
     if min(args.rounds, args.duration, args.latency_duration) < 1:
         parser.error("--rounds, --duration and --latency-duration must be at least 1")
+    if args.memory_clients < 0 or args.memory_clients > 1 << 24:
+        parser.error("--memory-clients must be between 0 and 16777216")
     return args
 
 
@@ -116,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             endpoints[name] = target.start(lab, name)
             print(f"started {name}: {endpoints[name].url}", file=sys.stderr, flush=True)
         samples = runner.run(endpoints, plan, lab.pids)
+        memory: list[redis_memory.MemoryRow] = []
+        if args.memory_clients:
+            server = lab.start_redis("redis-memory")
+            memory = redis_memory.measure(server.url, args.memory_clients, args.memory_budget)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -131,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     proxies = [name for name in endpoints if BY_NAME[name].is_proxy]
     summary = report.summarize(samples, plan.loads, list(endpoints))
     comparison = report.compare(samples, plan.loads, proxies)
+    storage = report.storage_summary(samples, plan.loads)
     meta = describe(args, layout, endpoints, started, load_before)
     print(header(meta))
-    print(report.render(summary, comparison, plan.loads, samples, args.rounds))
-    report.write_json(args.output, meta, samples, summary, comparison)
-    print(f"\nwrote {args.output}")
+    print(report.render(summary, comparison, plan.loads, samples, args.rounds, storage, memory))
+    report.write_json(args.output, meta, samples, summary, comparison, storage, memory)
+    table = args.output.with_suffix(".md")
+    table.write_text(report.markdown(summary, comparison, storage, memory, meta))
+    print(f"\nwrote {args.output} and {table} (the README's table)")
     return 0
 
 

@@ -36,12 +36,14 @@ def _git() -> str:
 def versions() -> dict[str, str]:
     nginx = _output([binary("nginx"), "-v"]).rpartition("/")[2]
     wrk = _output([binary("wrk"), "--version"]).splitlines()[0].split()[1]
+    redis = _output([binary("redis-server"), "--version"]).split()
     return {
         "python": platform.python_version(),
         "aiohttp": version("aiohttp"),
         "uvloop": version("uvloop"),
         "nginx": nginx,
         "wrk": wrk,
+        "redis": next((w[2:] for w in redis if w.startswith("v=")), "?"),
     }
 
 
@@ -70,6 +72,7 @@ def describe(
             "warmup": args.warmup,
             "connections": args.connections,
             "paced_connections": args.paced_connections,
+            "memory_clients": args.memory_clients,
             "upstream": args.upstream,
             "pin": args.pin,
             "layout": dict(layout),

@@ -1,4 +1,5 @@
-"""Medians, paired ratios, the printed table and the JSON file."""
+"""Medians, paired ratios, storage calls per request, the printed table, the JSON
+file and a short markdown summary."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Any
 
+from bench.redis_memory import MemoryRow
 from bench.runner import Sample
 from bench.wrk import Load
 
 BASELINES = ("bare", "nginx", "upstream")
+NO_RULES = "sluice"  # the other Sluice variants are also compared with it
+# DESIGN §3 and the benchmark issue: storage round trips per request, by target
+# (1 whatever the number of rules; 0 for a client already over its limit) ...
+EXPECTED_ROUND_TRIPS = {"sluice-redis1": 1.0, "sluice-redis5": 1.0, "sluice-denied": 0.0}
+ROUND_TRIP_TOLERANCE = 0.01  # wrk stops with requests in flight: a few calls unanswered
+# ... and throughput with one Redis-backed rule, as a ratio to a baseline.
+THROUGHPUT_TARGETS = {"sluice-redis1/sluice": 0.85, "sluice-redis1/bare": 0.85}
 # DESIGN.md §3: added latency over the bare upstream at moderate load.
 TARGET_P50_MS = 1.0
 TARGET_P99_MS = 5.0
@@ -47,7 +56,7 @@ def summarize(samples: Sequence[Sample], loads: Sequence[Load], targets: Sequenc
                 "p90_ms": median(r.result.p90 for r in runs),
                 "p99_ms": median(r.result.p99 for r in runs),
                 "cpu_us_per_request": median(r.cpu_us_per_request for r in runs),
-                "errors": sum(r.result.errors for r in runs),
+                "errors": sum(r.errors for r in runs),
                 "foreign_cpu": median(r.foreign_cpu for r in runs),
                 "rounds": len(runs),
             }
@@ -90,7 +99,7 @@ def compare(samples: Sequence[Sample], loads: Sequence[Load], proxies: Sequence[
     the upstream (p50 and p99, per load)."""
     out: dict[str, Any] = {"throughput": {}, "cpu_bound_throughput": {}}
     for sluice in (name for name in proxies if name.startswith("sluice")):
-        for base in BASELINES:
+        for base in ((NO_RULES,) if sluice != NO_RULES else ()) + BASELINES:
             pair = f"{sluice}/{base}"
             if stat := _paired(samples, THROUGHPUT_LOAD, sluice, base, _rps_ratio):
                 out["throughput"][pair] = stat
@@ -109,8 +118,49 @@ def compare(samples: Sequence[Sample], loads: Sequence[Load], proxies: Sequence[
     return out
 
 
-def verdicts(comparison: Any) -> dict[str, dict[str, bool]]:
-    """DESIGN §3's added-latency targets, judged on the moderate (paced) load."""
+def storage_summary(samples: Sequence[Sample], loads: Sequence[Load]) -> Any:
+    """Per Redis-backed target: commands per request, pooled over every measured
+    run (all loads, all rounds) and per load, with the spread over runs."""
+    out: dict[str, Any] = {}
+    targets = dict.fromkeys(s.target for s in samples if s.storage is not None)
+    for target in targets:
+        runs = [s for s in samples if s.target == target and s.storage is not None]
+        row = _pooled(runs)
+        row["client_per_run"] = _spread([_pooled([r])["client_per_request"] for r in runs])
+        row["by_load"] = {
+            load.name: _pooled([r for r in runs if r.load == load.name])
+            for load in loads
+            if any(r.load == load.name for r in runs)
+        }
+        out[target] = row
+    return out
+
+
+def _pooled(runs: Sequence[Sample]) -> dict[str, Any]:
+    requests = max(sum(r.result.requests for r in runs), 1)
+    counts = [r.storage for r in runs if r.storage is not None]
+    script_calls = sum(c.script_calls for c in counts)
+    redis_cpu = [r.redis_cpu_us_per_request for r in runs if r.redis_cpu_us_per_request is not None]
+    by_command: dict[str, int] = {}
+    for c in counts:
+        for name, n in c.by_command.items():
+            by_command[name] = by_command.get(name, 0) + n
+    return {
+        "requests": requests,
+        "script_calls_per_request": script_calls / requests,
+        "client_per_request": sum(c.client for c in counts) / requests,
+        "total_per_request": sum(c.total for c in counts) / requests,
+        "redis_us_per_script_call": (
+            sum(c.script_usec for c in counts) / script_calls if script_calls else None
+        ),
+        "redis_cpu_us_per_request": median(redis_cpu) if redis_cpu else None,
+        "commands": by_command,
+    }
+
+
+def verdicts(comparison: Any, storage: Any | None = None) -> dict[str, dict[str, bool]]:
+    """DESIGN §3's targets: added latency, judged on the moderate (paced) load;
+    throughput with one Redis rule (paired ratios, loaded); round trips per request."""
     out: dict[str, dict[str, bool]] = {}
     for name, by_load in comparison["added_latency_over_upstream"].items():
         moderate = by_load.get(MODERATE_LOAD)
@@ -119,6 +169,16 @@ def verdicts(comparison: Any) -> dict[str, dict[str, bool]]:
                 f"p50 < {TARGET_P50_MS:g} ms": moderate["p50_ms"]["median"] < TARGET_P50_MS,
                 f"p99 < {TARGET_P99_MS:g} ms": moderate["p99_ms"]["median"] < TARGET_P99_MS,
             }
+    for pair, floor in THROUGHPUT_TARGETS.items():
+        stat = comparison["throughput"].get(pair)
+        if stat is not None:
+            name = pair.partition("/")[0]
+            out.setdefault(name, {})[f"{pair} >= {floor:g}"] = stat["median"] >= floor
+    for name, expected in EXPECTED_ROUND_TRIPS.items():
+        row = (storage or {}).get(name)
+        if row is not None:
+            ok = abs(row["client_per_request"] - expected) <= ROUND_TRIP_TOLERANCE
+            out.setdefault(name, {})[f"{expected:g} round trip(s)/request"] = ok
     return out
 
 
@@ -169,20 +229,94 @@ def _added_latency(comparison: Any) -> list[str]:
         "",
         "added latency over the upstream, ms (paired per round: median [min .. max]);",
         f"  under '{THROUGHPUT_LOAD}' it is mostly queueing (latency ~ connections / req/s)",
-        f"  {'proxy':<12}{'load':<10}{'p50':<34}p99",
+        f"  {'proxy':<16}{'load':<10}{'p50':<34}p99",
     ]
     for proxy, by_load in comparison["added_latency_over_upstream"].items():
         for load_name, stat in by_load.items():
             lines.append(
-                f"  {proxy:<12}{load_name:<10}{_range(stat['p50_ms'], '+.3f'):<34}"
+                f"  {proxy:<16}{load_name:<10}{_range(stat['p50_ms'], '+.3f'):<34}"
                 f"{_range(stat['p99_ms'], '+.3f')}"
             )
-    judged = verdicts(comparison)
-    if judged:
-        lines += ["", f"DESIGN §3 added-latency targets, at moderate load ({MODERATE_LOAD}):"]
-        for name, checks in judged.items():
-            text = ", ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in checks.items())
-            lines.append(f"  {name}: {text}")
+    return lines
+
+
+def _verdicts(comparison: Any, storage: Any) -> list[str]:
+    judged = verdicts(comparison, storage)
+    if not judged:
+        return []
+    lines = [
+        "",
+        f"DESIGN §3 targets (latency at moderate load, '{MODERATE_LOAD}'; throughput as paired",
+        f"  ratios under '{THROUGHPUT_LOAD}'; round trips within {ROUND_TRIP_TOLERANCE}):",
+    ]
+    for name, checks in judged.items():
+        text = ", ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in checks.items())
+        lines.append(f"  {name}: {text}")
+    return lines
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _storage(storage: Any) -> list[str]:
+    if not storage:
+        return []
+    lines = [
+        "",
+        "storage calls per request (Redis INFO commandstats just before and after every",
+        "  measured run, over the requests wrk completed; pooled over all loads and rounds)",
+        f"  {'target':<16}{'round trips':>12}{'EVALSHA':>9}{'in Redis':>10}"
+        f"{'us/EVALSHA':>12}{'Redis CPU':>11}   round trips per run",
+    ]
+    for name, row in storage.items():
+        usec = row["redis_us_per_script_call"]
+        cpu = row["by_load"].get(THROUGHPUT_LOAD, row)["redis_cpu_us_per_request"]
+        lines.append(
+            f"  {name:<16}{row['client_per_request']:>12.3f}"
+            f"{row['script_calls_per_request']:>9.3f}{row['total_per_request']:>10.2f}"
+            f"{_maybe(usec):>12}{_maybe(cpu):>11}"
+            f"   {_range(row['client_per_run'], '.3f')}"
+        )
+    lines += [
+        "round trips: commands Sluice sent to Redis (each request waits for one reply);",
+        "  EVALSHA: of which script calls; in Redis: commands Redis ran, those the script",
+        "  ran inside each EVALSHA included; us/EVALSHA: Redis's time per script call;",
+        f"  Redis CPU: redis-server CPU us per request under '{THROUGHPUT_LOAD}'.",
+    ]
+    return lines
+
+
+def _memory(memory: Sequence[MemoryRow]) -> list[str]:
+    if not memory:
+        return []
+    clients = max(row.clients for row in memory)
+    lines = [
+        "",
+        f"Redis memory per tracked client ({clients:,} clients, one request each through the",
+        "  real check script and keys, on a fresh redis-server; used_memory after - before,",
+        "  over the keys created; policy 10/h per IP)",
+        f"  {'algorithm':<24}{'B/client':>9}  {'type/encoding':<18}{'MEMORY USAGE':>13}"
+        f"{'us/check':>10}",
+    ]
+    for row in memory:
+        extra = (
+            f"   +{row.per_further_entry:.1f} B per further request in the window"
+            if row.per_further_entry is not None
+            else ""
+        )
+        lines.append(
+            f"  {row.algorithm:<24}{row.bytes_per_client:>9.1f}"
+            f"  {row.redis_type + '/' + row.encoding:<18}{row.memory_usage_one_key:>13}"
+            f"{row.redis_us_per_check:>10.1f}{extra}"
+        )
+    lines += [
+        "B/client: key, value, TTL and the client's share of the keyspace and expiry",
+        "  tables; MEMORY USAGE: Redis's estimate for one key alone; us/check: Redis's time",
+        "  per EVALSHA while creating them (one check, new key). sliding_window_log",
+        "  holds one entry per request in its window (a listpack up to 128 entries, then",
+        "  a skiplist at several times the cost per entry).",
+    ]
     return lines
 
 
@@ -205,27 +339,112 @@ def _warning(samples: Sequence[Sample]) -> list[str]:
 
 
 def render(
-    summary: Any, comparison: Any, loads: Sequence[Load], samples: Sequence[Sample], rounds: int
+    summary: Any,
+    comparison: Any,
+    loads: Sequence[Load],
+    samples: Sequence[Sample],
+    rounds: int,
+    storage: Any = None,
+    memory: Sequence[MemoryRow] = (),
 ) -> str:
     return "\n".join(
         [
             *_tables(summary, loads, rounds),
             *_ratios(comparison),
             *_added_latency(comparison),
+            *_storage(storage),
+            *_memory(memory),
+            *_verdicts(comparison, storage),
             *_warning(samples),
         ]
     )
 
 
+def _ratio_cell(comparison: Any, pair: str) -> str:
+    stat = comparison["throughput"].get(pair)
+    return _range(stat, ".2f") if stat else "-"
+
+
+def _micro(row: Mapping[str, Any]) -> str:
+    cpu = row.get("redis_cpu_us_per_request")
+    return f"{cpu:.0f}" if cpu is not None else "-"
+
+
+def markdown(
+    summary: Any,
+    comparison: Any,
+    storage: Any,
+    memory: Sequence[MemoryRow],
+    meta: Mapping[str, Any],
+) -> str:
+    """The README's performance section: targets, ratios, round trips, memory."""
+    loaded, paced = summary.get(THROUGHPUT_LOAD, {}), summary.get(MODERATE_LOAD, {})
+    storage = storage or {}
+    settings = meta["settings"]
+    lines = [
+        f"`make bench`, {meta['started']}, commit {meta['commit']}: {meta['machine']['cpus']}"
+        f" CPUs, loopback, target pinned to its own CPU; median of {settings['rounds']}"
+        f" round{'s' if settings['rounds'] > 1 else ''}"
+        f" (wrk -c{settings['connections']} for req/s and CPU, ~"
+        f"{settings['paced_connections'] * 100} req/s offered for p50/p99).",
+        "",
+        "| target | req/s | CPU µs/req | p50 / p99 ms (paced) | Redis round trips/req"
+        " | Redis CPU µs/req |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for name, row in loaded.items():
+        lat = paced.get(name)
+        trips = storage.get(name)
+        lines.append(
+            f"| {name} | {row['rps']:,.0f} | {row['cpu_us_per_request']:.0f} | "
+            + (f"{lat['p50_ms']:.2f} / {lat['p99_ms']:.2f}" if lat else "-")
+            + " | "
+            + (f"{trips['client_per_request']:.3f}" if trips else "-")
+            + " | "
+            + (_micro(trips["by_load"].get(THROUGHPUT_LOAD, trips)) if trips else "-")
+            + " |"
+        )
+    lines += ["", "| throughput ratio (paired per round) | median [min .. max] |", "|---|--:|"]
+    for pair in comparison["throughput"]:
+        if not pair.endswith("/upstream"):
+            lines.append(f"| {pair} | {_ratio_cell(comparison, pair)} |")
+    if memory:
+        lines += [
+            "",
+            f"| Redis memory per tracked client ({max(r.clients for r in memory):,} clients)"
+            " | bytes | stored as | Redis µs/check |",
+            "|---|--:|---|--:|",
+        ]
+        for row in memory:
+            note = (
+                f" (+{row.per_further_entry:.0f} B per further request in the window)"
+                if row.per_further_entry is not None
+                else ""
+            )
+            lines.append(
+                f"| {row.algorithm} | {row.bytes_per_client:.0f}{note} |"
+                f" {row.redis_type} ({row.encoding}) | {row.redis_us_per_check:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def write_json(
-    path: Path, meta: Mapping[str, Any], samples: Sequence[Sample], summary: Any, comparison: Any
+    path: Path,
+    meta: Mapping[str, Any],
+    samples: Sequence[Sample],
+    summary: Any,
+    comparison: Any,
+    storage: Any = None,
+    memory: Sequence[MemoryRow] = (),
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "meta": dict(meta),
         "summary": summary,
         "comparison": comparison,
-        "verdicts": verdicts(comparison),
+        "storage": storage or {},
+        "memory": [asdict(row) for row in memory],
+        "verdicts": verdicts(comparison, storage),
         "foreign_cpu_mean": disturbance(samples),
         "samples": [
             {
@@ -234,7 +453,10 @@ def write_json(
                 "target": s.target,
                 "cpu_us_per_request": s.cpu_us_per_request,
                 "foreign_cpu": s.foreign_cpu,
+                "errors": s.errors,
                 **asdict(s.result),
+                "storage": asdict(s.storage) if s.storage is not None else None,
+                "redis_cpu_us_per_request": s.redis_cpu_us_per_request,
             }
             for s in samples
         ],

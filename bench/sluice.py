@@ -3,12 +3,16 @@
 A Sluice target is a ``Variant``: the limits its one catch-all route carries
 and whether storage is Redis (one redis-server shared by the run) or the
 embedded ``memory://``. Everything else is fixed so variants differ only in
-what they are meant to measure. A Redis-backed variant, for instance::
+what they are meant to measure. The Redis-backed ones:
 
-    Variant(redis=True, limits=(big_limit("a"),))
+* ``REDIS1``: one per-IP rule whose limit no run reaches (``big_limit``), so
+  every request pays one EVALSHA and is then forwarded;
+* ``REDIS5``: five such rules, one per algorithm, all keyed by IP: the same
+  identity, so one EVALSHA decides all five (keys share the hash tag);
+* ``DENIED``: one rule of 1 request per hour: after the first request every
+  request is a 429 answered from the local deny cache, without Redis.
 
-with limits high enough never to deny, so every request pays the check and
-is then forwarded.
+wrk sends everything from 127.0.0.1: one client, so one key per rule.
 """
 
 from __future__ import annotations
@@ -25,17 +29,51 @@ import yaml
 class Variant:
     limits: tuple[Mapping[str, object], ...] = ()
     redis: bool = False
+    denies: bool = False  # meant to answer 429 to (nearly) every request
+
+
+BIG = 1_000_000  # per window: ~6k req/s for ~4 min stays far below it in any window
 
 
 def big_limit(name: str, algorithm: str = "fixed_window") -> dict[str, object]:
-    """A per-IP limit no bench run can reach."""
-    return {
-        "name": name,
-        "key": "ip",
-        "algorithm": algorithm,
-        "limit": 1_000_000_000,
-        "window": "1m",
-    }
+    """A per-IP limit no bench run can reach, for any algorithm.
+
+    A million per minute (token bucket: a million, refilled at that rate):
+    limit x window in microseconds stays below 2**53, as the algorithms assume.
+    The sliding-window log keeps one entry per request in its window, so its
+    window is 1 s: the sorted set holds about a second's requests (a few thousand).
+    """
+    rule: dict[str, object] = {"name": name, "key": "ip", "algorithm": algorithm}
+    if algorithm == "token_bucket":
+        rule.update(capacity=BIG, refill=f"{BIG}/m")
+    elif algorithm == "sliding_window_log":
+        rule.update(limit=BIG, window="1s")
+    else:
+        rule.update(limit=BIG, window="1m")
+    return rule
+
+
+REDIS1 = Variant(redis=True, limits=(big_limit("per_ip"),))
+REDIS5 = Variant(
+    redis=True,
+    limits=tuple(
+        big_limit(f"per_ip_{tag}", algorithm)
+        for tag, algorithm in (
+            ("fw", "fixed_window"),
+            ("log", "sliding_window_log"),
+            ("swc", "sliding_window_counter"),
+            ("tb", "token_bucket"),
+            ("gcra", "gcra"),
+        )
+    ),
+)
+DENIED = Variant(
+    redis=True,
+    limits=(
+        {"name": "tiny", "key": "ip", "algorithm": "fixed_window", "limit": 1, "window": "1h"},
+    ),
+    denies=True,
+)
 
 
 def rules(

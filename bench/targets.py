@@ -3,6 +3,9 @@
 Adding a target is one entry in ``TARGETS``: a name, a line saying what it
 is, and a function that starts it in the lab and returns the URL to load.
 Extra Sluice variants are ``sluice_target(Variant(...))`` (see ``sluice.py``).
+A Redis-backed variant's endpoint names the lab's redis-server, so the runner
+counts the commands it sent there during each measurement; a target that is
+meant to answer 429 (``denies``) counts its 2xx answers as the errors.
 """
 
 from __future__ import annotations
@@ -14,9 +17,30 @@ from pathlib import Path
 
 from bench import nginx, sluice
 from bench.procs import Service, binary, free_port, pinned, start, wait_ready, wait_redis
+from bench.redis_stats import RedisProbe
 
 HERE = Path(__file__).resolve().parent
 PATH = "/bench/item?id=1"
+
+
+@dataclass
+class Redis:
+    """A redis-server the lab started, and the harness's own connection to it."""
+
+    url: str
+    service: Service
+    _probe: RedisProbe | None = None
+
+    @property
+    def probe(self) -> RedisProbe:
+        if self._probe is None:
+            self._probe = RedisProbe(self.url)
+        return self._probe
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
 
 
 @dataclass(frozen=True)
@@ -25,6 +49,8 @@ class Endpoint:
 
     url: str
     service: Service
+    redis: Redis | None = None  # the storage whose commands are counted per request
+    denies: bool = False  # every answer should be a 429
 
 
 @dataclass
@@ -36,7 +62,8 @@ class Lab:
     upstream_kind: str = "nginx"
     services: list[Service] = field(default_factory=list)
     _upstream: Endpoint | None = None
-    _redis: str | None = None
+    _redis: Redis | None = None
+    _servers: list[Redis] = field(default_factory=list)
 
     def spawn(
         self,
@@ -71,15 +98,23 @@ class Lab:
             self._upstream = Endpoint(url, service)
         return self._upstream
 
-    def redis_url(self) -> str:
+    def start_redis(self, name: str) -> Redis:
+        """A redis-server of its own (no persistence), on the upstream's CPU."""
+        port = free_port()
+        directory = self.workdir / name
+        cmd = [binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1"]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
+        service = self.spawn(name, "upstream", cmd, None)
+        wait_redis(service, port)
+        server = Redis(f"redis://127.0.0.1:{port}/0", service)
+        self._servers.append(server)
+        return server
+
+    @property
+    def redis(self) -> Redis:
         """One redis-server for every Redis-backed variant, started on first use."""
         if self._redis is None:
-            port = free_port()
-            cmd = [binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1"]
-            cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir / "redis")]
-            service = self.spawn("redis", "upstream", cmd, None)
-            wait_redis(service, port)
-            self._redis = f"redis://127.0.0.1:{port}/0"
+            self._redis = self.start_redis("redis")
         return self._redis
 
     def pids(self) -> list[int]:
@@ -87,6 +122,8 @@ class Lab:
         return [pid for service in self.services for pid in service.pids()]
 
     def stop_all(self) -> None:
+        while self._servers:
+            self._servers.pop().close()
         while self.services:
             self.services.pop().stop()
 
@@ -129,17 +166,20 @@ def sluice_target(variant: sluice.Variant) -> Starter:
         port = free_port()
         directory = lab.workdir / name
         directory.mkdir(parents=True, exist_ok=True)
+        redis = lab.redis if variant.redis else None
         data = sluice.rules(
             variant,
             port=port,
             admin_port=free_port(),
             upstream=lab.upstream.url,
-            storage=lab.redis_url() if variant.redis else "memory://",
+            storage=redis.url if redis else "memory://",
             data_dir=directory / "var",
         )
         rules_file = sluice.write_rules(directory / "rules.yaml", data)
         url = f"http://127.0.0.1:{port}{PATH}"
-        return Endpoint(url, lab.spawn(name, "proxy", sluice.command(rules_file), url))
+        # Readiness wants a 200: for a variant that denies, that is its one admitted request.
+        service = lab.spawn(name, "proxy", sluice.command(rules_file), url)
+        return Endpoint(url, service, redis, denies=variant.denies)
 
     return start_sluice
 
@@ -147,6 +187,21 @@ def sluice_target(variant: sluice.Variant) -> Starter:
 TARGETS: tuple[Target, ...] = (
     Target("upstream", "the upstream directly", _direct, is_proxy=False),
     Target("sluice", "Sluice: one route, no limits, memory://", sluice_target(sluice.Variant())),
+    Target(
+        "sluice-redis1",
+        "the same + 1 Redis rule (fixed_window per IP, never reached): 1 EVALSHA/request",
+        sluice_target(sluice.REDIS1),
+    ),
+    Target(
+        "sluice-redis5",
+        "the same + 5 Redis rules per IP, one per algorithm: still 1 EVALSHA/request",
+        sluice_target(sluice.REDIS5),
+    ),
+    Target(
+        "sluice-denied",
+        "the same + 1 Redis rule of 1/h per IP: every request after the first is a 429",
+        sluice_target(sluice.DENIED),
+    ),
     Target("nginx", "nginx proxy_pass, keepalive upstream pool", _nginx_proxy),
     Target("bare", "bare aiohttp forwarder (bench/bare_forwarder.py)", _bare),
 )
