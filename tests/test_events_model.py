@@ -147,8 +147,12 @@ def test_backoff_follows_the_schedule_with_full_jitter() -> None:
 
 def test_token_bucket() -> None:
     bucket = TokenBucket(2.0, NOW)
-    assert [bucket.wait(NOW) for _ in range(3)] == [0.0, 0.0, 0.5]
-    assert bucket.wait(NOW + 1.5) == 0.0
+    for _ in range(2):
+        assert bucket.ready_in(NOW) == 0.0
+        bucket.take(NOW)
+    assert bucket.ready_in(NOW) == 0.5
+    assert bucket.ready_in(NOW + 0.25) == 0.25
+    assert bucket.ready_in(NOW + 0.5) == 0.0
 
 
 def test_signatures_verify_with_the_reference_library() -> None:

@@ -228,6 +228,9 @@ class DeliveryWorker:
             sub.checked_at = now
         if sub.disabled:
             return False
+        if sub.bucket is not None and (wait := sub.bucket.ready_in(now)) > 0:
+            sub.paused_until = now + wait  # before leasing anything: no lease runs out
+            return False
         if now >= sub.maintain_at:
             sub.maintain_at = now + self.maintain_every
             await self.outbox.maintain(name)
@@ -265,9 +268,7 @@ class DeliveryWorker:
         hook = sub.hook
         assert self._sender is not None, "start() the worker first"
         if sub.bucket is not None:
-            wait = sub.bucket.wait(self.clock.time())
-            if wait > 0:
-                await self.clock.sleep(wait)
+            sub.bucket.take(self.clock.time())
         msg_id = delivery.unit or delivery_id(delivery.events, hook.batched)
         body = delivery_body(delivery.events, hook.batched, hook.format, hook.templates)
         started = time.perf_counter()

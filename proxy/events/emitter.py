@@ -55,7 +55,7 @@ class Emitter:
         self.retry_interval = retry_interval
         self.emitted = 0
         self.dropped = 0
-        self._buffer: deque[Event] = deque()
+        self._buffer: deque[tuple[str, Mapping[str, Any], float]] = deque()
         self._pending: dict[str, list[Event]] = {}
         self._pending_count = 0
         self._unwarned = 0
@@ -84,7 +84,9 @@ class Emitter:
     def emit(self, type: str, data: Mapping[str, Any]) -> bool:
         """Queue an event; False if it was dropped (buffer full). Never blocks.
 
-        Types nobody subscribes to are ignored (and return True).
+        Call it on the event loop's thread, with a ``data`` mapping that is not
+        changed afterwards (it is serialised at the next flush). Types nobody
+        subscribes to are ignored (and return True).
         """
         if type not in TYPE_FIELDS:
             raise ValueError(f"unknown event type {type!r}")
@@ -93,7 +95,7 @@ class Emitter:
         if self.buffered >= self._capacity:
             self._drop(type)
             return False
-        self._buffer.append(Event.create(type, data, self.clock.time()))
+        self._buffer.append((type, data, self.clock.time()))  # JSON and id at flush time
         self.emitted += 1
         if self.metrics:
             self.metrics.emitted.labels(type).inc()
@@ -167,10 +169,10 @@ class Emitter:
         now = self.clock.time()
         windows = self._aggregator.drain() if everything else self._aggregator.due(now)
         for window in windows:
-            self._buffer.append(Event.create(REJECTED, window.data(), now))
+            self._buffer.append((REJECTED, window.data(), now))
         hooks = self.settings.active
         while self._buffer:
-            event = self._buffer.popleft()
+            event = Event.create(*self._buffer.popleft())
             for hook in hooks:
                 if hook.wants(event):
                     self._pending.setdefault(hook.name, []).append(event)

@@ -86,10 +86,16 @@ class TokenBucket:
         self.tokens = self.capacity
         self.stamp = now
 
-    def wait(self, now: float) -> float:
-        """Take a token; the seconds to wait before using it (0 when available now)."""
+    def _refill(self, now: float) -> None:
         if now > self.stamp:
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
+
+    def ready_in(self, now: float) -> float:
+        """Seconds until a token is available (0: now); takes nothing."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
         self.tokens -= 1.0
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
