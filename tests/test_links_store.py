@@ -424,3 +424,54 @@ async def test_redis_cluster_smoke(redis_cluster: RedisClusterSetup) -> None:
         assert await store.stats("cluster-1", day_of(T0), day_of(T0)) is None
     finally:
         await store.close()
+
+
+# -- Redis specifics and moving between stores ----------------------------------------------
+
+
+async def test_redis_listing_skips_index_entries_of_interrupted_writes(redis: RedisServer) -> None:
+    import redis as redis_py
+
+    store = await RedisLinkStore.open(redis.url, secret=SECRET)
+    try:
+        kept, _ = await store.create(new(tags=("t",)))
+        # What a create interrupted after its index writes (or a delete before its
+        # index cleanup) leaves behind: index entries without a link hash.
+        with redis_py.Redis.from_url(redis.url) as inspect:
+            inspect.zadd("lk:index", {"ghost-1": 1000, "ghost-2": 1001})
+            inspect.zadd("lk:tag:t", {"ghost-1": 1000})
+            assert inspect.exists("lk:{ghost-1}") == 0
+        assert (await store.list(limit=1)).links == (kept,)
+        assert (await store.list(tag="t")).links == (kept,)
+        assert [x async for x in store.export()] == [kept]
+    finally:
+        await store.close()
+
+
+async def test_links_move_from_sqlite_to_redis(tmp_path: Path, redis: RedisServer) -> None:
+    sqlite = await SQLiteLinkStore.open(tmp_path / "links.sqlite3")
+    made = [
+        (await sqlite.create(new(f"https://example.com/{i}", tags=("m",))))[0] for i in range(5)
+    ]
+    made.append((await sqlite.create(new(code="moved-1", max_clicks=3)))[0])
+    secret = await asyncio.to_thread(_stored_secret, tmp_path / "links.sqlite3")
+    target = await RedisLinkStore.open(redis.url, secret=secret)
+    try:
+        result = await target.import_links(sqlite.export())
+        assert (result.imported, result.skipped) == (6, ())
+        assert [x async for x in target.export()] == made
+        fresh, created = await target.create(new("https://after.example/"))
+        assert created and fresh.code not in {x.code for x in made}
+        assert fresh.code == sqlite.codec.encode(7)  # the same sequence carries on
+    finally:
+        await sqlite.close()
+        await target.close()
+
+
+def _stored_secret(path: Path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        (secret,) = db.execute("SELECT value FROM meta WHERE key = 'code_secret'").fetchone()
+    db.close()
+    return str(secret)
