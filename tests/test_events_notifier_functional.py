@@ -235,3 +235,23 @@ async def test_filters_and_ping(tmp_path: Path, notifiers: list[Notifier]) -> No
     finally:
         await rx_all.stop()
         await rx_login.stop()
+
+
+async def test_a_reload_starts_and_stops_subscriptions(
+    tmp_path: Path, notifiers: list[Notifier]
+) -> None:
+    old, new = await Receiver().start(), await Receiver().start()
+    try:
+        notifier = await start(notifiers, notifications(hook(old.url, name="old")), tmp_path)
+        notifier.emit("link.deleted", {"code": "before"})
+        await old.wait_for(lambda: len(old.requests) == 1)
+        notifier.apply(notifications(hook(new.url, name="new")))
+        notifier.emit("link.deleted", {"code": "after"})
+        await new.wait_for(lambda: len(new.requests) == 1)
+        await asyncio.sleep(0.1)
+        assert [e["data"]["code"] for e in old.events()] == ["before"]
+        assert [e["data"]["code"] for e in new.events()] == ["after"]
+        assert [s.name for s in await notifier.status()] == ["new"]
+    finally:
+        await old.stop()
+        await new.stop()
