@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import replace
 
 import pytest
 
@@ -77,6 +78,9 @@ def test_a_full_webhook() -> None:
     assert second.name == "webhook1" and second.events == set(EVENT_TYPES)
     assert second.retry.schedule == (10.0, 3600.0) and not second.enabled
     assert settings.active == (ops,)
+    assert ops.safe_url == "https://hooks.example.com/sluice"
+    slack = replace(ops, url="https://u:pw@hooks.slack.com:8443/services/T0/B0/secret?x=1")
+    assert slack.safe_url == "https://hooks.slack.com:8443/services/…"
     login = Event.create("rate_limit.rejected", {"rule": "login", "client": "a"}, 0)
     other = Event.create("rate_limit.rejected", {"rule": "search", "client": "a"}, 0)
     degraded = Event.create("storage.degraded", {"backend": "redis"}, 0)

@@ -342,7 +342,7 @@ class DeliveryWorker:
             stats = await self.outbox.stats(hook.name)
             status = SubscriptionStatus(
                 name=hook.name,
-                url=hook.url,
+                url=hook.safe_url,
                 enabled=hook.enabled,
                 disabled=state.disabled,
                 disabled_reason=state.disabled_reason,

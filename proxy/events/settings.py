@@ -91,6 +91,18 @@ class WebhookSettings:
     def batched(self) -> bool:
         return self.batch.max_events > 1
 
+    @property
+    def safe_url(self) -> str:
+        """The URL for pages and logs: scheme, host and first path segment only
+        (paths like Slack's carry the secret; so may user info and queries)."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        port = f":{parts.port}" if parts.port else ""
+        first, _, rest = parts.path.lstrip("/").partition("/")
+        tail = "/…" if rest or parts.query else ""
+        return f"{parts.scheme}://{host}{port}/{first}{tail}"
+
     def wants(self, event: Event) -> bool:
         """Whether this subscription receives ``event`` (type, then filters)."""
         if event.type not in self.events:
