@@ -255,3 +255,18 @@ async def test_a_reload_starts_and_stops_subscriptions(
     finally:
         await old.stop()
         await new.stop()
+
+
+async def test_an_event_that_cannot_be_serialised_is_counted_not_fatal(tmp_path: Path) -> None:
+    outbox = SqliteOutbox(tmp_path / "events.sqlite3")
+    emitter = Emitter(notifications(hook("http://127.0.0.1:9/")), outbox)
+    try:
+        emitter.emit("link.deleted", 5)  # type: ignore[arg-type]
+        emitter.emit("link.deleted", {"code": "fine", "when": time})  # str() of a module
+        assert await emitter.flush() == 1
+        assert emitter.dropped == 1
+        (delivery,) = await outbox.claim_new("hook", "t", time.time(), 30, 10)
+        assert delivery.events[0].data["code"] == "fine"
+    finally:
+        await emitter.close()
+        await outbox.close()

@@ -149,6 +149,9 @@ class Emitter:
                 if self.metrics:
                     self.metrics.outbox_errors.labels("append").inc()
                 await self.clock.sleep(self.retry_interval)
+            except Exception:  # keep flushing, whatever went wrong once
+                log.exception("events: flush failed")
+                await self.clock.sleep(self.retry_interval)
 
     async def _wait(self, seconds: float) -> None:
         if self._kick.is_set():
@@ -172,7 +175,13 @@ class Emitter:
             self._buffer.append((REJECTED, window.data(), now))
         hooks = self.settings.active
         while self._buffer:
-            event = Event.create(*self._buffer.popleft())
+            kind, data, at = self._buffer.popleft()
+            try:
+                event = Event.create(kind, data, at)
+            except (TypeError, ValueError) as exc:  # data that is not a mapping
+                log.error("events: cannot serialise a %s event: %s", kind, exc)
+                self._drop(kind)
+                continue
             for hook in hooks:
                 if hook.wants(event):
                     self._pending.setdefault(hook.name, []).append(event)
