@@ -200,13 +200,14 @@ class DeliveryWorker:
 
     async def _idle(self, sub: _Sub) -> None:
         now = self.clock.time()
-        until = now + self.poll
         if sub.paused_until > now:
-            until = sub.paused_until
-        if sub.held is not None:
-            until = min(until, sub.hold_until)
-        if sub.wake.is_set() and sub.paused_until <= now:
-            return
+            until = sub.paused_until  # nothing can be sent before
+        else:
+            if sub.wake.is_set():
+                return
+            until = now + self.poll
+            if sub.held is not None and sub.hold_until > now:
+                until = min(until, sub.hold_until)
         sleeper = asyncio.ensure_future(self.clock.sleep(until - now))
         waker = asyncio.ensure_future(sub.wake.wait())
         try:
