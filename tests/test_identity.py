@@ -83,3 +83,14 @@ def test_ipv6_prefix_grouping() -> None:
     assert c != a
     assert identify(spec, View(), "192.0.2.1", "r") == "ip/64=192.0.2.1"
     assert identify(parse_key("ip/24"), View(), "192.0.2.77", "r") == "ip/24=192.0.2.0/24"
+
+
+def test_masked_client_keys_hide_secrets_only() -> None:
+    from proxy.limits.identity import masked
+
+    assert masked("ip=1.2.3.4") == "ip=1.2.3.4"
+    assert masked("ip/64=2001:db8::/64") == "ip/64=2001:db8::/64"
+    secret = masked("header:X-API-Key=sk_live_123+path=/a")
+    assert secret.startswith("header:X-API-Key=#") and secret.endswith("+path=/a")
+    assert "sk_live_123" not in secret
+    assert masked("anonymous") == "anonymous"

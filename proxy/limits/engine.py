@@ -158,6 +158,7 @@ class Limiter:
         self.storage_calls = 0
         self.last_error: str | None = None
         self.on_transition: list[Callable[[str, str], None]] = []
+        self.on_reject: list[Callable[[str, str, str], None]] = []  # (rule, client, route)
         self._decisions = Children(metrics.decisions)
         self._cache_hits = Children(metrics.deny_cache_hits)
         self._latency = metrics.storage_latency.labels("ratelimit")
@@ -232,7 +233,7 @@ class Limiter:
                 cached = self.deny_cache.get((rule.name, client, cost))
                 if cached is not None:
                     if cached[0] > now:
-                        return self._cached_denial(plan, client, cached, now, headers)
+                        return self._cached_denial(plan, client, cached, now, headers, route)
                     del self.deny_cache[(rule.name, client, cost)]
             prefix = f"sl:{{{_client_hash(client)}}}:"
             checks = [
@@ -242,9 +243,9 @@ class Limiter:
             pending.append(_Pending(plan, client, cost, checks))
         if not pending:
             return ALLOW
-        return await self._decide(pending, headers)
+        return await self._decide(pending, headers, route)
 
-    async def _decide(self, pending: list[_Pending], headers: HeaderPolicy) -> Verdict:
+    async def _decide(self, pending: list[_Pending], headers: HeaderPolicy, route: str) -> Verdict:
         checks = [c for p in pending for c in p.checks]
         outcomes: list[Outcome] | None = None
         if self.breaker.allow():
@@ -261,8 +262,8 @@ class Limiter:
                 self._latency.observe(time.perf_counter() - started)
                 self.breaker.success()
         if outcomes is None:
-            return self._degraded(pending, headers)
-        return self._verdict(pending, outcomes, headers)
+            return self._degraded(pending, headers, route)
+        return self._verdict(pending, outcomes, headers, route)
 
     def _storage_failed(self, exc: StorageError) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -278,6 +279,7 @@ class Limiter:
         pending: list[_Pending],
         outcomes: list[Outcome],
         headers: HeaderPolicy,
+        route: str,
         degraded: bool = False,
     ) -> Verdict:
         verdict = Verdict(degraded=degraded)
@@ -304,6 +306,7 @@ class Limiter:
             )
             if not allowed:
                 denied.extend(o for o in mine if not o.allowed)
+                self._rejected(rule.name, p.client, route)
                 if not degraded:  # a local fallback's denial must not outlive the outage
                     self._remember_denial(rule.name, p.client, p.cost, retry, mine)
         families = headers.families
@@ -320,6 +323,12 @@ class Limiter:
         elif headers.on_allowed:
             verdict.headers = render(quoted, families)
         return verdict
+
+    def _rejected(self, rule: str, client: str, route: str) -> None:
+        """Tell the listeners (the events emitter: one aggregated event per client and rule
+        per interval); they must not block."""
+        for callback in self.on_reject:
+            callback(rule, client, route)
 
     def _remember_denial(
         self, rule: str, client: str, cost: int, retry_ms: float, outcomes: list[Outcome]
@@ -341,6 +350,7 @@ class Limiter:
         cached: tuple[float, list[Outcome]],
         now: float,
         headers: HeaderPolicy,
+        route: str,
     ) -> Verdict:
         until, outcomes = cached
         left_ms = (until - now) * 1000
@@ -357,6 +367,7 @@ class Limiter:
         rule = plan.rule
         self._cache_hits(rule.name).inc()
         self._decisions(rule.name, "rejected").inc()
+        self._rejected(rule.name, client, route)
         seconds = retry_after_seconds([o for o in current if not o.allowed])
         quoted = [
             Quoted(lb, pi, o)
@@ -369,7 +380,7 @@ class Limiter:
             [RuleDecision(rule, client, False, current, "rejected", left_ms)],
         )
 
-    def _degraded(self, pending: list[_Pending], headers: HeaderPolicy) -> Verdict:
+    def _degraded(self, pending: list[_Pending], headers: HeaderPolicy, route: str) -> Verdict:
         local = [p for p in pending if p.plan.rule.on_storage_error == "local"]
         for p in pending:
             if p.plan.rule.on_storage_error == "deny" and not p.plan.rule.shadow:
@@ -402,7 +413,7 @@ class Limiter:
             for p in local
         ]
         outcomes = self.local.decide_now([c for p in local_pending for c in p.checks])
-        return self._verdict(local_pending, outcomes, headers, degraded=True)
+        return self._verdict(local_pending, outcomes, headers, route, degraded=True)
 
     async def close(self) -> None:
         await self.store.close()

@@ -9,6 +9,7 @@ cannot choose its own key by sending those headers.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -132,3 +133,20 @@ def identify(spec: KeySpec, request: RequestView, ip: str, route: str) -> str | 
         else:
             return "+".join(parts)
     return None
+
+
+_PUBLIC_SOURCES = ("ip=", "ip/", "route=", "path=", "method=")
+
+
+def masked(client: str) -> str:
+    """A client key fit for events and logs: addresses, routes, paths and methods as they
+    are; header, query and cookie values (API keys, sessions) replaced by a short hash."""
+    parts = []
+    for part in client.split("+"):
+        if part.startswith(_PUBLIC_SOURCES) or "=" not in part:
+            parts.append(part)
+            continue
+        name, _, value = part.partition("=")
+        digest = hashlib.blake2b(value.encode(), digest_size=6).hexdigest()
+        parts.append(f"{name}=#{digest}")
+    return "+".join(parts)
