@@ -11,8 +11,9 @@ machine that is the first thing to look at when a figure looks odd.
 
 For a target backed by Redis, the sample also holds the commands that server
 ran during the measurement (``INFO commandstats`` just before and just after
-wrk; only one target is loaded at a time, so they are that target's) and
-the redis-server's CPU per request.
+wrk; only one target is loaded at a time, so they are that target's), the
+redis-server's CPU per request, and from Sluice's own metrics the storage
+calls that failed and the requests it let through unchecked meanwhile.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bench.procs import (
     reaped_children_seconds,
 )
 from bench.redis_stats import CommandCounts
+from bench.sluice import Counters, read_counters
 from bench.targets import Endpoint
 from bench.wrk import Load, WrkResult
 
@@ -46,6 +48,7 @@ class Sample:
     errors: int  # socket errors + answers of the wrong kind (non-2xx; 2xx for a denier)
     storage: CommandCounts | None = None  # commands its Redis ran meanwhile
     redis_cpu_us_per_request: float | None = None
+    sluice: Counters | None = None  # failed storage calls, requests let through unchecked
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Measurement:
     errors: int
     storage: CommandCounts | None
     redis_cpu_us_per_request: float | None
+    sluice: Counters | None
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,9 @@ def measure(
     """wrk's result, the target's CPU µs per request, foreign CPUs in use, and
     for a Redis-backed target the commands and CPU its Redis spent."""
     pids = endpoint.service.pids()
-    redis = endpoint.redis
+    redis, metrics = endpoint.redis, endpoint.metrics_url
+    if metrics is not None:
+        counters_before = read_counters(metrics)
     if redis is not None:
         redis_pids = redis.service.pids()
         stats_before, redis_before = redis.probe.command_stats(), cpu_seconds(redis_pids)
@@ -105,6 +111,7 @@ def measure(
         redis_used = cpu_seconds(redis_pids) - redis_before
         storage = CommandCounts.between(stats_before, redis.probe.command_stats())
         redis_cpu = redis_used * 1e6 / max(result.requests, 1)
+    counters = read_counters(metrics) - counters_before if metrics is not None else None
     if endpoint.service.proc.poll() is not None:
         raise BenchError(f"{endpoint.service.name} died under load:\n{endpoint.service.tail()}")
     return Measurement(
@@ -114,6 +121,7 @@ def measure(
         unexpected(result, endpoint.denies),
         storage,
         redis_cpu,
+        counters,
     )
 
 
@@ -144,6 +152,7 @@ def run(
                         m.errors,
                         m.storage,
                         m.redis_cpu_us_per_request,
+                        m.sluice,
                     )
                 )
                 calls = (
@@ -156,7 +165,13 @@ def run(
                     f" {result.rps:>9.0f} req/s  p50 {result.p50:7.3f} ms"
                     f"  p99 {result.p99:7.3f} ms  cpu {m.cpu_us_per_request:6.1f} us/req"
                     f"  other {m.foreign_cpu:4.2f} CPU{calls}"
-                    + (f"  ERRORS {m.errors}" if m.errors else ""),
+                    + (f"  ERRORS {m.errors}" if m.errors else "")
+                    + (
+                        f"  STORAGE ERRORS {m.sluice.storage_errors}, {m.sluice.unchecked}"
+                        " requests unchecked"
+                        if m.sluice and (m.sluice.storage_errors or m.sluice.unchecked)
+                        else ""
+                    ),
                     file=sys.stderr,
                     flush=True,
                 )

@@ -13,16 +13,25 @@ what they are meant to measure. The Redis-backed ones:
   request is a 429 answered from the local deny cache, without Redis.
 
 wrk sends everything from 127.0.0.1: one client, so one key per rule.
+
+``read_counters`` reads a running Sluice's own account from its admin
+``/metrics``: storage calls that failed (a timeout, say) and requests let
+through unchecked because of them (``degraded`` decisions, fail-open), so a
+run where the storage path broke down is told apart from one that measured it.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from bench.procs import BenchError
 
 
 @dataclass(frozen=True)
@@ -113,3 +122,38 @@ def command(rules_file: Path) -> list[str]:
         "--log-level",
         "warning",
     ]
+
+
+_SAMPLE = re.compile(r"^(sluice_[a-z_]+)\{([^}]*)\} ([0-9.eE+-]+)$", re.M)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(frozen=True)
+class Counters:
+    storage_errors: int  # failed storage calls (timeouts, refused connections, ...)
+    unchecked: int  # requests let through without a decision (fail-open, breaker open)
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(
+            self.storage_errors - other.storage_errors, self.unchecked - other.unchecked
+        )
+
+
+def read_counters(metrics_url: str) -> Counters:
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        raise BenchError(f"cannot read {metrics_url}: {exc}") from exc
+    errors = 0.0
+    degraded: dict[str, float] = {}
+    for name, labels, value in _SAMPLE.findall(text):
+        if name == "sluice_storage_errors_total":
+            errors += float(value)
+        elif name == "sluice_ratelimit_decisions_total":
+            fields = dict(_LABEL.findall(labels))
+            if fields.get("result") == "degraded":
+                rule = fields.get("rule", "")
+                degraded[rule] = degraded.get(rule, 0.0) + float(value)
+    # A request let through degrades every rule it carries: count it once.
+    return Counters(int(errors), int(max(degraded.values(), default=0.0)))

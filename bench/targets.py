@@ -4,8 +4,9 @@ Adding a target is one entry in ``TARGETS``: a name, a line saying what it
 is, and a function that starts it in the lab and returns the URL to load.
 Extra Sluice variants are ``sluice_target(Variant(...))`` (see ``sluice.py``).
 A Redis-backed variant's endpoint names the lab's redis-server, so the runner
-counts the commands it sent there during each measurement; a target that is
-meant to answer 429 (``denies``) counts its 2xx answers as the errors.
+counts the commands it sent there during each measurement, and its admin
+``/metrics``, for the storage calls that failed; a target that is meant to
+answer 429 (``denies``) counts its 2xx answers as the errors.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Endpoint:
     service: Service
     redis: Redis | None = None  # the storage whose commands are counted per request
     denies: bool = False  # every answer should be a 429
+    metrics_url: str | None = None  # Sluice's admin /metrics: storage errors, unchecked
 
 
 @dataclass
@@ -163,14 +165,14 @@ def sluice_target(variant: sluice.Variant) -> Starter:
     """A starter for ``python -m proxy serve`` with a rules file generated from ``variant``."""
 
     def start_sluice(lab: Lab, name: str) -> Endpoint:
-        port = free_port()
+        port, admin_port = free_port(), free_port()
         directory = lab.workdir / name
         directory.mkdir(parents=True, exist_ok=True)
         redis = lab.redis if variant.redis else None
         data = sluice.rules(
             variant,
             port=port,
-            admin_port=free_port(),
+            admin_port=admin_port,
             upstream=lab.upstream.url,
             storage=redis.url if redis else "memory://",
             data_dir=directory / "var",
@@ -179,7 +181,8 @@ def sluice_target(variant: sluice.Variant) -> Starter:
         url = f"http://127.0.0.1:{port}{PATH}"
         # Readiness wants a 200: for a variant that denies, that is its one admitted request.
         service = lab.spawn(name, "proxy", sluice.command(rules_file), url)
-        return Endpoint(url, service, redis, denies=variant.denies)
+        metrics = f"http://127.0.0.1:{admin_port}/metrics" if variant.limits else None
+        return Endpoint(url, service, redis, variant.denies, metrics)
 
     return start_sluice
 
