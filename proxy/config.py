@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 from proxy.confread import Problems, Section, did_you_mean
 from proxy.errors import ConfigError, Problem
 from proxy.limitspec import LimitRule, read_limit
+from proxy.links.settings import LinksSettings, read_links_settings
+from proxy.links.validate import normalise_host
 from proxy.match import Match, read_match
 from proxy.yamlsrc import Node, parse
 
@@ -130,12 +132,28 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class MissLimit:
+    """The built-in guard against code enumeration: ``limit`` unknown codes per
+    ``window`` seconds per client IP, per worker (see ``proxy.missguard``)."""
+
+    limit: int = 20
+    window: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class RedirectsConfig:
     prefix: str | None = "/s/"
-    host: str | None = None
+    host: str | None = None  # normalised host name, with ":port" only when one was given
     status: int = 302
     limits: tuple[str, ...] = ()
     query_passthrough: bool = False
+    miss_limit: MissLimit | None = MissLimit()
+    analytics_queue: int = 10_000
+    links: LinksSettings = field(default_factory=LinksSettings)
+
+    def code_path(self, code: str) -> str:
+        """The path a code is followed at (the sticky cookie's Path)."""
+        return (self.prefix or "/") + code
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,12 +471,43 @@ def _redirects(sec: Section, limits: Mapping[str, LimitRule]) -> RedirectsConfig
         sec.error("prefix", f"must start and end with '/', got {prefix!r}")
     out = RedirectsConfig(
         prefix=prefix,
-        host=sec.string("host"),
+        host=sec.convert("host", None, _redirect_host),
         status=sec.convert("status", 302, _redirect_status),
         limits=_names(sec, "limits", limits, "limit"),
         query_passthrough=sec.boolean("query_passthrough", False),
+        miss_limit=_miss_limit(sec),
+        analytics_queue=sec.integer("analytics_queue", 10_000, minimum=1),
+        links=read_links_settings(sec),
     )
     sec.finish()
+    return out
+
+
+def _redirect_host(v: object) -> str:
+    if not isinstance(v, str) or not v:
+        raise TypeError(f"expected a host name, got {v!r}")
+    host, sep, port = v.rpartition(":") if not v.endswith("]") else (v, "", "")
+    if not sep:
+        host, port = v, ""
+    elif not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected a host name, optionally with :port, got {v!r}")
+    name = normalise_host(host)
+    return f"{name}:{int(port)}" if port else name
+
+
+def _miss_limit(sec: Section) -> MissLimit | None:
+    node = sec.node_of("miss_limit")
+    if node is None or node.value is None:
+        return MissLimit()
+    if node.value is False:
+        return None
+    sub = sec.section("miss_limit")
+    d = MissLimit()
+    out = MissLimit(
+        limit=sub.integer("limit", d.limit, minimum=1),
+        window=sub.duration("window", d.window),
+    )
+    sub.finish()
     return out
 
 

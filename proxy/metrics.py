@@ -161,6 +161,33 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        self.redirects = Counter(
+            "sluice_redirects",
+            "Answers to short-code requests on the main listener, by HTTP status.",
+            ["status"],
+            registry=r,
+        )
+        self.link_cache = Counter(
+            "sluice_link_cache",
+            "Hot-link cache lookups on the redirect path (a miss costs a store read).",
+            ["result"],
+            registry=r,
+        )
+        self.link_store_latency = Histogram(
+            "sluice_link_store_latency_seconds",
+            "Link store call latency.",
+            ["op"],
+            buckets=STORAGE_BUCKETS,
+            registry=r,
+        )
+        self.links_created = Counter(
+            "sluice_links_created", "Short links created through the admin API.", registry=r
+        )
+        self.link_analytics_dropped = Counter(
+            "sluice_link_analytics_dropped",
+            "Clicks whose analytics were not recorded (queue full, or the store failed).",
+            registry=r,
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         """The text to serve on /metrics: this worker's, or all workers' added up."""
