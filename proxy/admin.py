@@ -1,48 +1,20 @@
-"""The admin listener: health, readiness, metrics (and later the API and status page)."""
+"""The admin listener: health, readiness, metrics, the links API and its OpenAPI document."""
 
 from __future__ import annotations
 
-import hmac
 import time
 
 from aiohttp import web
 
-from proxy import __version__
-from proxy.config import AdminToken
+from proxy import __version__, api_links
+from proxy.adminauth import RUNTIME, find_token, require
+from proxy.openapi import OPENAPI_PATH, document
 from proxy.replies import json_reply
 from proxy.runtime import Runtime
 
-RUNTIME = web.AppKey("runtime", Runtime)
 STARTED = web.AppKey("started", float)
 
-
-def find_token(tokens: tuple[AdminToken, ...], header: str | None) -> AdminToken | None:
-    """The token a bearer header carries, compared in constant time against each one."""
-    if not header or not header.startswith("Bearer "):
-        return None
-    offered = header[7:].strip().encode()
-    found = None
-    for token in tokens:  # no early exit: the time taken does not depend on which matched
-        if hmac.compare_digest(offered, token.token.encode()):
-            found = token
-    return found
-
-
-def require(request: web.Request, scope: str) -> AdminToken:
-    tokens = request.app[RUNTIME].snapshot.config.admin.tokens
-    token = find_token(tokens, request.headers.get("Authorization"))
-    if token is None:
-        raise web.HTTPUnauthorized(
-            text='{"error":"unauthorized","message":"send Authorization: Bearer <admin token>"}',
-            content_type="application/json",
-            headers={"WWW-Authenticate": 'Bearer realm="sluice"'},
-        )
-    if scope == "write" and token.scope != "write":
-        raise web.HTTPForbidden(
-            text='{"error":"forbidden","message":"this token is read-only"}',
-            content_type="application/json",
-        )
-    return token
+__all__ = ["RUNTIME", "STARTED", "find_token", "make_admin_app", "require"]
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -66,6 +38,8 @@ async def readyz(request: web.Request) -> web.Response:
         },
         "uptime_seconds": round(time.time() - request.app[STARTED], 3),
     }
+    if runtime.links is not None:
+        body["links"] = runtime.links.describe()
     return json_reply(200, body)
 
 
@@ -74,11 +48,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return json_reply(200, document())
+
+
 def make_admin_app(runtime: Runtime) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[api_links.json_errors])
     app[RUNTIME] = runtime
     app[STARTED] = time.time()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_route("GET", OPENAPI_PATH, openapi)
+    api_links.add_routes(app)
     return app

@@ -5,6 +5,14 @@ it (router, upstream clients). A request reads ``runtime.snapshot`` once and
 uses that object to the end, so a reload never changes a request mid-flight.
 Reload builds the next snapshot off to the side and swaps one reference; a
 file that fails validation changes nothing but the reported error.
+
+Per-worker resources that need the event loop (the link store, the click
+recorder) are opened by ``start()`` and closed by ``close()``.
+
+``events`` is the internal events hook: callables ``(type, data)`` that
+``emit`` calls in order, on the request path, so each must return at once
+(append to a buffer). Emitted here: ``link.created``, ``link.deleted`` and
+``redirect.followed``.
 """
 
 from __future__ import annotations
@@ -13,8 +21,10 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proxy import config as configmod
 from proxy.config import Config, Upstream
@@ -22,11 +32,13 @@ from proxy.errors import ConfigError
 from proxy.forward import UpstreamClient
 from proxy.limits.engine import Limiter, RulePlan, plan_rules
 from proxy.limits.store import LimitStore
+from proxy.linkservice import LinkService
 from proxy.metrics import Metrics
 from proxy.routing import Router
 from proxy.storage.factory import open_limit_store
 
 log = logging.getLogger("sluice.runtime")
+EventHook = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,31 @@ class Runtime:
         self.metrics.config_loaded.set(config.source.loaded_at)
         self._retired: set[asyncio.Task[None]] = set()
         self._stale: set[UpstreamClient] = set()  # replaced pools still finishing requests
+        self.events: list[EventHook] = []
+        self.links: LinkService | None = (
+            LinkService(config.storage, config.redirects, self.metrics)
+            if config.redirects is not None
+            else None
+        )
+        self._last_event_error = 0.0
+        self._started = False
+
+    async def start(self) -> None:
+        """Open what needs the running loop (the link store); idempotent."""
+        if self.links is not None and not self._started:
+            self._started = True
+            await self.links.start()
+
+    def emit(self, type_: str, data: dict[str, Any]) -> None:
+        """Hand an event to every hook; a failing hook is logged, never raised."""
+        for hook in self.events:
+            try:
+                hook(type_, data)
+            except Exception:
+                now = time.monotonic()
+                if now - self._last_event_error > 5:
+                    self._last_event_error = now
+                    log.exception("events hook %r failed on %s", hook, type_)
 
     def _build(self, config: Config, current: dict[str, UpstreamClient]) -> Snapshot:
         clients: dict[str, UpstreamClient] = {}
@@ -100,6 +137,10 @@ class Runtime:
                     self.path,
                 )
         self.snapshot = self._build(new, old.upstreams)
+        if self.links is not None and new.redirects is not None:
+            self.links.configure(new.redirects)
+        elif (new.redirects is None) != (old.config.redirects is None):
+            log.warning("redirects: added or removed in %s: takes effect on restart", self.path)
         self.reload_error = None
         self.metrics.reloads.labels("ok").inc()
         self.metrics.config_ok.set(1)
@@ -127,4 +168,6 @@ class Runtime:
             await stale.close()
         for client in self.snapshot.upstreams.values():
             await client.close()
+        if self.links is not None:
+            await self.links.close()
         await self.limiter.close()

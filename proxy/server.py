@@ -1,7 +1,9 @@
-"""The main listener: route, limit, then forward (or, in decision mode, answer).
+"""The main listener: redirects, then route, limit and forward (or, in decision mode, answer).
 
 A low-level ``aiohttp.web.Server`` with one handler: Sluice adds no paths of
-its own to the main listener, so the URL dispatcher would only cost time.
+its own to the main listener except the redirect prefix the operator
+configured (checked first, see ``proxy.redirects``), so the URL dispatcher
+would only cost time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from proxy.decide import BadDescription, Described, describe
 from proxy.limits.engine import Verdict
 from proxy.limits.identity import RequestView
 from proxy.metrics import Children, method_label, status_class
+from proxy.redirects import ROUTE as REDIRECT_ROUTE
+from proxy.redirects import RedirectHandler, redirect_code
 from proxy.replies import json_error, json_reply
 from proxy.runtime import Runtime, Snapshot
 
@@ -27,6 +31,7 @@ class MainHandler:
         self.runtime = runtime
         self.requests = Children(runtime.metrics.requests)
         self.in_flight = runtime.metrics.in_flight
+        self.redirects = RedirectHandler(runtime)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         snap = self.runtime.snapshot
@@ -34,7 +39,17 @@ class MainHandler:
         status = 500
         self.in_flight.inc()
         try:
-            if snap.config.mode == "decide":
+            redirects = snap.config.redirects
+            code = (
+                redirect_code(redirects, request.host, request.path)
+                if redirects is not None and snap.config.mode == "proxy"
+                else None
+            )
+            if code is not None:
+                assert redirects is not None
+                route_name = REDIRECT_ROUTE
+                response = await self.redirects(request, snap, redirects, code)
+            elif snap.config.mode == "decide":
                 route_name, response = await self._decide_listener(request, snap)
             else:
                 route = snap.router.route_for(

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy.admin import make_admin_app
 from proxy.config import Config, Listen
+from proxy.links.store import SecretMismatch
 from proxy.runtime import Runtime
 from proxy.server import make_server
 
@@ -26,7 +27,11 @@ log = logging.getLogger("sluice.worker")
 WATCH_INTERVAL = 1.0
 
 
-class ListenError(Exception):
+class StartError(Exception):
+    """The worker cannot start (the message says why)."""
+
+
+class ListenError(StartError):
     pass
 
 
@@ -45,6 +50,11 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 async def start_listeners(runtime: Runtime, reuse_port: bool) -> Listeners:
+    """Open the runtime's resources (link store), then both listeners."""
+    try:
+        await runtime.start()
+    except SecretMismatch as exc:
+        raise StartError(str(exc)) from exc
     config = runtime.snapshot.config
     main = web.ServerRunner(make_server(runtime), shutdown_timeout=config.server.shutdown_grace)
     admin = web.AppRunner(make_admin_app(runtime), access_log=None, shutdown_timeout=2.0)
@@ -73,7 +83,7 @@ async def serve(config: Config, *, reuse_port: bool = False, ready_fd: int | Non
     runtime = Runtime(config)
     try:
         listeners = await start_listeners(runtime, reuse_port)
-    except ListenError as exc:
+    except StartError as exc:
         log.error("%s", exc)
         await runtime.close()
         return 1
