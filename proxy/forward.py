@@ -212,23 +212,35 @@ class UpstreamClient:
             response.headers.update(extra_headers)
         via = upstream.headers.get("Via")
         response.headers["Via"] = f"{via}, {VIA}" if via else VIA
-        await response.prepare(request)
-        if request.method != "HEAD" and upstream.status not in (204, 304):
-            try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD" and upstream.status not in (204, 304):
+                while True:
+                    try:
+                        chunk = await upstream.content.read(CHUNK)
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        return self._cut(request, response, exc)
+                    if not chunk:
+                        break
                     await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # Headers are gone already: the only honest signal left is to cut the connection.
-                self.metrics.upstream_errors.labels(self.upstream.name, "body").inc()
-                log.warning(
-                    "upstream %s failed mid-body (%s); closing client connection",
-                    self.upstream.name,
-                    type(exc).__name__,
-                )
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-        await response.write_eof()
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away mid-answer: nobody left to tell
+            log.debug("client went away during the response from %s", self.upstream.name)
+        return response
+
+    def _cut(
+        self, request: web.BaseRequest, response: web.StreamResponse, exc: BaseException
+    ) -> web.StreamResponse:
+        """The upstream failed mid-body. Headers are gone already: the only honest signal
+        left is to cut the client connection."""
+        self.metrics.upstream_errors.labels(self.upstream.name, "body").inc()
+        log.warning(
+            "upstream %s failed mid-body (%s); closing client connection",
+            self.upstream.name,
+            type(exc).__name__,
+        )
+        if request.transport is not None:
+            request.transport.close()
         return response
 
     def _failure(self, status: int, kind: str, message: str) -> web.Response:

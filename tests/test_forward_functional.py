@@ -287,3 +287,16 @@ async def test_trusted_proxy_keeps_forwarded_proto(
     ):
         values = {k.lower(): v for k, v in (await r.json())["headers"]}
         assert values["x-forwarded-proto"] == "https"
+
+
+async def test_upstream_failing_mid_body_cuts_the_client_connection(
+    sluice: Sluice, client: aiohttp.ClientSession
+) -> None:
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(sluice.url + "/broken") as r:
+            assert r.status == 200
+            await r.read()
+    async with client.get(sluice.admin_url + "/metrics") as r:
+        assert 'sluice_upstream_errors_total{kind="body",upstream="app"} 1.0' in await r.text()
+    async with client.get(sluice.url + "/echo") as r:  # and the next request is fine
+        assert r.status == 200

@@ -77,6 +77,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def broken(request: web.Request) -> web.StreamResponse:
+    """Promises 1000 bytes, sends 10, then drops the connection."""
+    response = web.StreamResponse(headers={"Content-Length": "1000"})
+    await response.prepare(request)
+    await response.write(b"0123456789")
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.close()
+    return response
+
+
 async def status(request: web.Request) -> web.Response:
     return web.Response(status=int(request.match_info["code"]), text="status")
 
@@ -103,5 +114,6 @@ def make_upstream() -> web.Application:
     app.router.add_post("/upload", upload)
     app.router.add_get("/stream", stream)
     app.router.add_get("/status/{code}", status)
+    app.router.add_get("/broken", broken)
     app.router.add_get("/ws", ws)
     return app
