@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
-
-from aiohttp.http_exceptions import HttpProcessingError
+from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
-from proxy.config import Config, load
-from proxy.errors import ConfigError
+from proxy.linkcli import add_parser as add_links_parser
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+
+# aiohttp and the config loader are imported where they are used: `sluice links`
+# needs neither, and a shell command should start quickly.
 
 
 class _DropBadRequests(logging.Filter):
     """aiohttp logs a traceback for every malformed request a client sends; a client's
     bad bytes are answered with 400 and are not worth a traceback in the operator's log."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        self.ignored = HttpProcessingError
+
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, HttpProcessingError)
+        return not isinstance(exc, self.ignored)
 
 
 def setup_logging(level: str | None) -> None:
@@ -41,12 +49,17 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        import asyncio
+
         return asyncio.run(coro)
     result: int = uvloop.run(coro)
     return result
 
 
 def load_or_report(path: str) -> Config | None:
+    from proxy.config import load
+    from proxy.errors import ConfigError
+
     try:
         return load(path)
     except ConfigError as exc:
@@ -108,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate rules files and print a summary")
     check.add_argument("files", nargs="+")
     check.set_defaults(func=cmd_check)
+    add_links_parser(sub)
     return parser
 
 
