@@ -18,7 +18,9 @@ from proxy.openapi import document
 from tests.inproc import Sluice, write_rules
 from tests.linkkit import (
     READ_AUTH,
+    READER,
     WRITE_AUTH,
+    WRITER,
     Client,
     Storage,
     client_for,
@@ -253,29 +255,35 @@ async def test_export_then_import_into_an_empty_store(tmp_path: Path, storage: S
             {"url": "https://b.example/", "weight": 1},
         ]
         await client.create(variants=variants)
-        for i in range(600):  # more than one export batch of either store
-            await client.create(url=f"https://bulk.example/{i}")
+        bulk = "".join(  # more than one export batch of either store
+            json.dumps({"code": f"bulk-{i}", "url": f"https://bulk.example/{i}", "created_at": i})
+            + "\n"
+            for i in range(600)
+        )
+        assert (await client.api("POST", "/api/links:import", data=bulk)).status == 200
+        await client.create(url="https://example.com/last")
         exported = await client.api("GET", "/api/links:export", auth=READ_AUTH)
         assert exported.status == 200
         assert exported.headers["Content-Type"] == "application/x-ndjson"
         lines = exported.text.splitlines()
-        assert len(lines) == 604
-        assert json.loads(lines[0])["tags"] == ["a", "b"]  # oldest first
+        assert len(lines) == 605
+        assert json.loads(lines[0])["tags"] == ["a", "b"]  # in creation order
+        assert json.loads(lines[-1])["url"] == "https://example.com/last"
         again = await client.api("POST", "/api/links:import", data=exported.text)
-        assert again.json()["imported"] == 0 and len(again.json()["skipped"]) == 604
+        assert again.json()["imported"] == 0 and len(again.json()["skipped"]) == 605
     async with sluice_on(tmp_path / "dst", storage.other()) as s, client_for(s) as client:
         assert (await client.api("GET", "/api/links")).json()["links"] == []
         bad = exported.text + '{"code": "bad-one", "url": "ftp://x"}\n{"code": 1}\n'
         refused = await client.api("POST", "/api/links:import", data=bad)
         assert refused.status == 400
         answer = refused.json()
-        assert answer["message"].startswith("nothing imported: line 605:")
-        assert len(answer["errors"]) == 2 and answer["errors"][1].startswith("line 606:")
+        assert answer["message"].startswith("nothing imported: line 606:")
+        assert len(answer["errors"]) == 2 and answer["errors"][1].startswith("line 607:")
         assert (await client.api("GET", "/api/links")).json()["links"] == []
         dup = await client.api("POST", "/api/links:import", data=lines[0] + "\n" + lines[0])
         assert dup.status == 400 and "also on line 1" in dup.json()["message"]
         imported = await client.api("POST", "/api/links:import", data=exported.text)
-        assert imported.json() == {"imported": 604, "skipped": []}
+        assert imported.json() == {"imported": 605, "skipped": []}
         reexported = await client.api("GET", "/api/links:export")
         assert reexported.text == exported.text
         first = json.loads(lines[0])
@@ -396,3 +404,25 @@ class _Param:
 
     def getfixturevalue(self, name: str) -> Any:
         return self._request.getfixturevalue(name)
+
+
+async def test_every_token_is_compared_whichever_matches(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Constant time: ``hmac.compare_digest`` against every configured token, no early exit."""
+    import hmac
+
+    from proxy import adminauth
+
+    compared: list[bytes] = []
+    original = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        compared.append(b)
+        return original(a, b)
+
+    monkeypatch.setattr(adminauth.hmac, "compare_digest", counting)
+    for auth in (WRITE_AUTH, READ_AUTH, {"Authorization": "Bearer nobody-0123456789abcdef"}):
+        compared.clear()
+        await client.api("GET", "/api/links", auth=auth)
+        assert compared == [WRITER.encode(), READER.encode()]

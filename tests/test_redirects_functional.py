@@ -15,9 +15,13 @@ from typing import Any
 import pytest
 
 from proxy.clicks import Click
+from proxy.config import MissLimit, RedirectsConfig, loads
+from proxy.errors import ConfigError
 from proxy.links.analytics import day_of
+from proxy.missguard import MissGuard
+from proxy.redirects import append_query, host_matches, prefers_html, redirect_code
 from tests.inproc import Sluice
-from tests.linkkit import Client, Storage, client_for, sluice_on, storage_for
+from tests.linkkit import Client, Storage, client_for, rules_file, sluice_on, storage_for
 from tests.proc import metric_sum
 
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0"
@@ -344,3 +348,85 @@ async def test_store_down_answers_503(tmp_path: Path) -> None:
         assert api.status == 503 and api.json()["error"] == "links_unavailable"
         ready = (await client.call("GET", s.admin_url + "/readyz")).json()
         assert ready["links"]["state"] == "unavailable"
+
+
+async def test_reload_applies_a_new_miss_limit(tmp_path: Path, storage: Storage) -> None:
+    async with sluice_on(tmp_path / "l", storage, miss_limit=1) as s, client_for(s) as client:
+        assert (await client.follow("nope-1")).status == 404
+        assert (await client.follow("nope-2")).status == 429
+        rules_file(tmp_path / "l", storage, miss_limit=50, listen=str(s.config.listen),
+                   admin=str(s.config.admin.listen))  # fmt: skip
+        assert s.runtime.reload() and s.config.redirects is not None
+        assert s.config.redirects.miss_limit == MissLimit(50, 3600.0)
+        assert (await client.follow("nope-3")).status == 404  # a fresh guard, new budget
+
+
+# -- the pure parts of the redirect path ------------------------------------------------
+
+
+def test_content_negotiation() -> None:
+    assert prefers_html(HTML)
+    assert prefers_html("text/html")
+    assert not prefers_html(None) and not prefers_html("*/*")
+    assert not prefers_html("application/json, text/html;q=0.9")
+    assert prefers_html("application/json;q=0.5, text/html")
+    assert not prefers_html("text/html;q=0")
+    assert not prefers_html("text/html;q=x")
+
+
+def test_append_query() -> None:
+    assert append_query("https://e.com/", "a=1") == "https://e.com/?a=1"
+    assert append_query("https://e.com/?x=1", "a=1") == "https://e.com/?x=1&a=1"
+    assert append_query("https://e.com/?", "a=1") == "https://e.com/?a=1"
+    assert append_query("https://e.com/p#f", "a=1") == "https://e.com/p?a=1#f"
+    assert append_query("https://e.com/", "q=a b&é") == "https://e.com/?q=a%20b&%C3%A9"
+
+
+def test_redirect_code_and_host() -> None:
+    prefixed = RedirectsConfig(prefix="/s/")
+    assert redirect_code(prefixed, "any.host", "/s/abc") == "abc"
+    assert redirect_code(prefixed, "any.host", "/s") is None
+    assert redirect_code(prefixed, "any.host", "/api/x") is None
+    hosted = RedirectsConfig(prefix=None, host="go.example")
+    assert redirect_code(hosted, "GO.example:8443", "/abc") == "abc"
+    assert redirect_code(hosted, "go.example.", "/abc") == "abc"
+    assert redirect_code(hosted, "other.example", "/abc") is None
+    assert host_matches("go.example:8080", "go.example:8080")
+    assert not host_matches("go.example:8080", "go.example:9090")
+    assert not host_matches("go.example:8080", "go.example")
+
+
+def test_miss_guard_refills_with_its_clock() -> None:
+    now = [0.0]
+    guard = MissGuard(3, 60.0, clock=lambda: now[0], max_clients=2)
+    for _ in range(3):
+        assert guard.blocked("a") == 0.0
+        guard.miss("a")
+    assert guard.blocked("a") == pytest.approx(20.0)  # one token per 20 s
+    now[0] = 19.0
+    assert guard.blocked("a") == pytest.approx(1.0)
+    now[0] = 20.0
+    assert guard.blocked("a") == 0.0 and guard.blocked("b") == 0.0
+    guard.miss("b")
+    guard.miss("c")  # over max_clients: the least recently charged full-or-oldest go
+    assert len(guard) <= 2
+
+
+def test_redirect_config_errors() -> None:
+    with pytest.raises(ConfigError) as caught:
+        loads(
+            "redirects:\n"
+            "  host: 'bad host'\n"
+            "  miss_limit: {limit: 0, windw: 1m}\n"
+            "  analytics_queue: 0\n"
+            "  cache_ttl: soon\n",
+            "rules.yaml",
+        )
+    assert str(caught.value).splitlines() == [
+        "rules.yaml:2: redirects.host: 'bad host' is not a valid host name",
+        "rules.yaml:3: redirects.miss_limit.limit: must be at least 1, got 0",
+        "rules.yaml:3: redirects.miss_limit.windw: unknown key (did you mean 'window'?)",
+        "rules.yaml:4: redirects.analytics_queue: must be at least 1, got 0",
+        "rules.yaml:5: redirects.cache_ttl: " + caught.value.problems[-1].message,
+    ]
+    assert loads("redirects: {miss_limit: false}\n").redirects == RedirectsConfig(miss_limit=None)
