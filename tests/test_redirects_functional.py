@@ -15,13 +15,15 @@ from typing import Any
 import pytest
 
 from proxy.clicks import Click
-from proxy.config import MissLimit, RedirectsConfig, loads
+from proxy.config import MissLimit, RedirectsConfig, load, loads
 from proxy.errors import ConfigError
 from proxy.links.analytics import day_of
 from proxy.missguard import MissGuard
 from proxy.redirects import append_query, host_matches, prefers_html, redirect_code
+from proxy.runtime import Runtime
+from proxy.worker import StartError, start_listeners
 from tests.inproc import Sluice
-from tests.linkkit import Client, Storage, client_for, rules_file, sluice_on, storage_for
+from tests.linkkit import SECRET, Client, Storage, client_for, rules_file, sluice_on, storage_for
 from tests.proc import metric_sum
 
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0"
@@ -430,3 +432,16 @@ def test_redirect_config_errors() -> None:
         "rules.yaml:5: redirects.cache_ttl: " + caught.value.problems[-1].message,
     ]
     assert loads("redirects: {miss_limit: false}\n").redirects == RedirectsConfig(miss_limit=None)
+
+
+async def test_a_changed_code_secret_stops_the_start(tmp_path: Path, storage: Storage) -> None:
+    async with sluice_on(tmp_path / "s1", storage) as s, client_for(s) as client:
+        await client.create(url="https://example.com/kept")
+    path = rules_file(tmp_path / "s2", storage)
+    path.write_text(path.read_text().replace(SECRET, "another-secret-0123456789abcdef"))
+    runtime = Runtime(load(path))
+    try:
+        with pytest.raises(StartError, match="code_secret differs"):
+            await start_listeners(runtime, reuse_port=False)
+    finally:
+        await runtime.close()
