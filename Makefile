@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check proxy tests bench
 	$(BIN)/mypy
 	SLUICE_ADMIN_TOKEN=$${SLUICE_ADMIN_TOKEN:-placeholder-token-for-lint} \
-		$(BIN)/sluice check rules.yaml $(wildcard config/*.yaml) deploy/docker/rules.yaml >/dev/null
+		$(BIN)/sluice check rules.yaml $(wildcard config/*.yaml) $(wildcard deploy/*/rules.yaml) >/dev/null
 
 bench: $(STAMP)
 	@bash scripts/ensure-binaries.sh redis-server nginx wrk
