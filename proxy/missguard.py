@@ -8,8 +8,8 @@ difference between a ``302`` and a ``429`` would still tell live codes apart.
 
 Per worker and in memory (no storage call on any path): with N workers or
 instances a client gets up to N times ``limit`` before every one refuses it.
-``favicon.ico`` and ``robots.txt`` (browsers ask for them on a redirect host)
-are never charged. Pure: the clock is injected.
+An empty code, ``favicon.ico`` and ``robots.txt`` (browsers ask for them on a
+redirect host) are never charged. Pure: the clock is injected.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from proxy.links.analytics import referrer_host, ua_family
 from proxy.links.codes import is_code
 from proxy.links.model import Expired, cache_control, choose_variant, resolve
 from proxy.linkservice import LinkService
+from proxy.metrics import Children
 from proxy.replies import json_reply
 from proxy.runtime import Runtime, Snapshot
 
@@ -47,7 +48,8 @@ log = logging.getLogger("sluice.redirects")
 ROUTE = "redirects"  # the route name of redirect requests (limits, metrics)
 ALLOWED = "GET, HEAD"
 STICKY_MAX_AGE = 30 * 86400
-UNCHARGED = frozenset({"favicon.ico", "robots.txt"})  # asked for by browsers, not by scanners
+# asked for by browsers and crawlers, not guesses: never charged to the miss guard
+UNCHARGED = frozenset({"", "favicon.ico", "robots.txt"})
 HEADERS = HeaderPolicy()
 _QUERY_SAFE = "!$&'()*+,;=:@/?%-._~"
 
@@ -139,13 +141,13 @@ class RedirectHandler:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.answered = runtime.metrics.redirects
+        self.answered = Children(runtime.metrics.redirects)
 
     async def __call__(
         self, request: web.BaseRequest, snap: Snapshot, cfg: RedirectsConfig, code: str
     ) -> web.StreamResponse:
         response = await self._answer(request, snap, cfg, code)
-        self.answered.labels(str(response.status)).inc()
+        self.answered(str(response.status)).inc()
         return response
 
     async def _answer(
