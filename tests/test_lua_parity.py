@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import pytest
-from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
+from hypothesis import HealthCheck, assume, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 from redis import Redis
 from redis.exceptions import ResponseError
@@ -107,6 +107,11 @@ class Twins:
         return decode_reply([self.policies[i] for i in idx], reply)
 
     def _compare_states(self, now_ms: float, touched: list[int]) -> None:
+        for i, (policy, state) in enumerate(zip(self.policies, self.states, strict=True)):
+            if self.pttl[i] == -2 and state is not None and ttl_ms(policy, state, now_ms) <= 1000:
+                # A TTL of a few ms (µs windows) ran out on Redis's real clock inside the
+                # MULTI, before PERSIST: a loaded machine, not a disagreement. Drop the case.
+                assume(False)
         for i, (policy, key) in enumerate(zip(self.policies, self.keys, strict=True)):
             assert read_state(self.conn, policy, key) == self.states[i], policy
             if i in touched and self.pttl[i] >= 0:
