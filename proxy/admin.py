@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 
-from proxy import __version__, api_links
+from proxy import __version__, api_links, api_webhooks
 from proxy.adminauth import RUNTIME, find_token, require
+from proxy.errors import StorageError
 from proxy.openapi import OPENAPI_PATH, document
 from proxy.replies import json_reply
 from proxy.runtime import Runtime
@@ -26,7 +28,7 @@ async def readyz(request: web.Request) -> web.Response:
     config = runtime.snapshot.config
     source = config.source
     limiter = runtime.limiter
-    body = {
+    body: dict[str, Any] = {
         "status": "ready",
         "config": {"path": source.path, "sha256": source.sha256, "loaded_at": source.loaded_at},
         "last_reload_error": runtime.reload_error,
@@ -40,6 +42,22 @@ async def readyz(request: web.Request) -> web.Response:
     }
     if runtime.links is not None:
         body["links"] = runtime.links.describe()
+    if runtime.notifier is not None:
+        try:
+            statuses = await runtime.notifier.status()
+        except StorageError as exc:  # the outbox is down: say so, stay ready
+            body["webhooks"] = {"error": str(exc)}
+        else:
+            body["webhooks"] = [
+                {
+                    "name": st.name,
+                    "enabled": st.enabled and not st.disabled,
+                    "depth": st.depth,
+                    "dead_letters": st.dead_letters,
+                    "last_error": st.last_error,
+                }
+                for st in statuses
+            ]
     return json_reply(200, body)
 
 
@@ -61,4 +79,5 @@ def make_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_route("GET", OPENAPI_PATH, openapi)
     api_links.add_routes(app)
+    api_webhooks.add_routes(app)
     return app

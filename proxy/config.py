@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from proxy.confread import Problems, Section, did_you_mean
 from proxy.errors import ConfigError, Problem
+from proxy.events.settings import NotificationsSettings, read_notifications
 from proxy.limitspec import LimitRule, read_limit
 from proxy.links.settings import LinksSettings, read_links_settings
 from proxy.links.validate import normalise_host
@@ -28,15 +29,6 @@ from proxy.yamlsrc import Node, parse
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
-EVENT_TYPES = (
-    "rate_limit.rejected",
-    "redirect.followed",
-    "link.created",
-    "link.deleted",
-    "storage.degraded",
-    "storage.recovered",
-    "ping",
-)
 HEADER_FAMILIES = ("x-ratelimit", "ietf")
 
 
@@ -157,22 +149,6 @@ class RedirectsConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class Webhook:
-    name: str
-    url: str
-    secrets: tuple[str, ...]
-    events: tuple[str, ...]
-    timeout: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class NotificationsConfig:
-    webhooks: tuple[Webhook, ...] = ()
-    aggregate: float = 10.0
-    buffer: int = 10000
-
-
-@dataclass(frozen=True, slots=True)
 class ServerConfig:
     max_header_size: int = 8190
     max_body_size: int = 100 * 1024 * 1024
@@ -199,7 +175,7 @@ class Config:
     limits: Mapping[str, LimitRule] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
     redirects: RedirectsConfig | None = None
-    notifications: NotificationsConfig = NotificationsConfig()
+    notifications: NotificationsSettings = field(default_factory=NotificationsSettings)
     server: ServerConfig = ServerConfig()
 
 
@@ -285,7 +261,9 @@ def _build(top: Section, source: ConfigSource) -> Config:
         for i, sec in enumerate(top.list_of_sections("routes"))
     )
     redirects = _redirects(top.section("redirects"), limits) if top.has("redirects") else None
-    notifications = _notifications(top.section("notifications"))
+    notifications = read_notifications(
+        top.section("notifications"), limits=limits.keys(), routes=[r.name for r in routes]
+    )
     top.finish()
     if admin.listen == listen:
         problems.add(top.line_of("admin"), "admin.listen", "must differ from listen")
@@ -515,37 +493,6 @@ def _redirect_status(v: object) -> int:
     if v not in (301, 302, 307, 308):
         raise ValueError(f"expected 301, 302, 307 or 308, got {v!r}")
     return int(v)  # type: ignore[call-overload,unused-ignore]
-
-
-def _notifications(sec: Section) -> NotificationsConfig:
-    hooks: list[Webhook] = []
-    for i, item in enumerate(sec.list_of_sections("webhooks")):
-        events = item.str_list("events", ("*",))
-        for ev in events:
-            if ev != "*" and ev not in EVENT_TYPES:
-                item.error("events", f"unknown event type {ev!r}" + did_you_mean(ev, EVENT_TYPES))
-        secrets = item.str_list("secrets") or item.str_list("secret")
-        hooks.append(
-            Webhook(
-                name=item.string("name", f"webhook{i}"),
-                url=item.convert(
-                    "url", "http://invalid", lambda v: _url(v, ("http", "https")), required=True
-                ),
-                secrets=secrets,
-                events=events,
-                timeout=item.duration("timeout", 5.0),
-            )
-        )
-        if not secrets and item.ok:
-            item.problems.add(item.node, item.key_path("secret"), "required key is missing")
-        item.finish("secret", "secrets")
-    out = NotificationsConfig(
-        webhooks=tuple(hooks),
-        aggregate=sec.duration("aggregate", 10.0),
-        buffer=sec.integer("buffer", 10000, minimum=1),
-    )
-    sec.finish()
-    return out
 
 
 def _server(sec: Section) -> ServerConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from proxy import __version__
+from proxy import __version__, api_webhooks
 from proxy.api_links import OPERATIONS, Operation
 from proxy.links.model import REDIRECT_STATUSES
 
@@ -160,6 +160,7 @@ def document(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
+    paths.update(api_webhooks.openapi_paths())
     paths[OPENAPI_PATH] = {
         "get": {
             "operationId": "openapi",
@@ -173,7 +174,7 @@ def document(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Any]:
         "info": {
             "title": "Sluice admin API",
             "version": __version__,
-            "description": "Short links on the admin listener. Every error is JSON "
+            "description": "Short links and webhooks on the admin listener. Every error is JSON "
             '{"error", "message"}.',
         },
         "paths": paths,

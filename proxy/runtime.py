@@ -12,7 +12,9 @@ recorder) are opened by ``start()`` and closed by ``close()``.
 ``events`` is the internal events hook: callables ``(type, data)`` that
 ``emit`` calls in order, on the request path, so each must return at once
 (append to a buffer). Emitted here: ``link.created``, ``link.deleted`` and
-``redirect.followed``.
+``redirect.followed``. With webhooks configured, ``start()`` opens the
+``Notifier`` (outbox + delivery worker) and attaches it to this hook and to
+the limiter's rejection and breaker callbacks (``proxy.events.wiring``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from typing import Any
 from proxy import config as configmod
 from proxy.config import Config, Upstream
 from proxy.errors import ConfigError
+from proxy.events.metrics import EventMetrics
+from proxy.events.service import Notifier, open_outbox
+from proxy.events.wiring import attach
 from proxy.forward import UpstreamClient
 from proxy.limits.engine import Limiter, RulePlan, plan_rules
 from proxy.limits.store import LimitStore
@@ -81,12 +86,28 @@ class Runtime:
         )
         self._last_event_error = 0.0
         self._started = False
+        self.notifier: Notifier | None = None
+        self._detach_events: Callable[[], None] | None = None
 
     async def start(self) -> None:
-        """Open what needs the running loop (the link store); idempotent."""
-        if self.links is not None and not self._started:
-            self._started = True
+        """Open what needs the running loop (link store, events outbox); idempotent."""
+        if self._started:
+            return
+        self._started = True
+        config = self.snapshot.config
+        if config.notifications.webhooks:
+            await self._start_notifier(config)
+        if self.links is not None:
             await self.links.start()
+
+    async def _start_notifier(self, config: Config) -> None:
+        storage = config.storage
+        outbox = open_outbox(storage.url, storage.data_dir, connect_timeout=storage.connect_timeout)
+        self.notifier = Notifier(
+            config.notifications, outbox, metrics=EventMetrics(self.metrics.registry)
+        )
+        await self.notifier.start()
+        self._detach_events = attach(self.notifier, self.limiter, storage.scheme, self.events)
 
     def emit(self, type_: str, data: dict[str, Any]) -> None:
         """Hand an event to every hook; a failing hook is logged, never raised."""
@@ -137,6 +158,10 @@ class Runtime:
                     self.path,
                 )
         self.snapshot = self._build(new, old.upstreams)
+        if self.notifier is not None:
+            self.notifier.apply(new.notifications)
+        elif new.notifications.webhooks:
+            log.warning("notifications: webhooks added in %s: takes effect on restart", self.path)
         if self.links is not None and new.redirects is not None:
             self.links.configure(new.redirects)
         elif (new.redirects is None) != (old.config.redirects is None):
@@ -170,4 +195,8 @@ class Runtime:
             await client.close()
         if self.links is not None:
             await self.links.close()
+        if self._detach_events is not None:
+            self._detach_events()
+        if self.notifier is not None:
+            await self.notifier.close()  # flushes what is still in memory to the outbox
         await self.limiter.close()

@@ -67,5 +67,9 @@ def summarize(config: Config) -> str:
         lines.append(f"  redirects: {where}, status {r.status}, limits [{', '.join(r.limits)}]")
     hooks = config.notifications.webhooks
     lines.append(f"  webhooks ({len(hooks)}):")
-    lines += [f"    {h.name}: {h.url} events {', '.join(h.events)}" for h in hooks]
+    lines += [
+        f"    {h.name}: {h.safe_url} events {', '.join(sorted(h.events))}"
+        + ("" if h.enabled else " (disabled)")
+        for h in hooks
+    ]
     return "\n".join(lines)
