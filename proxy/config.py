@@ -168,6 +168,7 @@ class Config:
     source: ConfigSource
     listen: Listen = Listen("0.0.0.0", 8000)
     mode: str = "proxy"  # proxy | decide (every request on the main listener is a decision)
+    decide: DecideConfig = DecideConfig()  # how a `mode: decide` listener reads and answers
     admin: AdminConfig = AdminConfig()
     storage: StorageConfig = StorageConfig()
     upstreams: Mapping[str, Upstream] = field(default_factory=dict)
@@ -239,6 +240,9 @@ def _build(top: Section, source: ConfigSource) -> Config:
     problems = top.problems
     listen = _listen(top, "listen", Listen("0.0.0.0", 8000))
     mode = top.choice("mode", ("proxy", "decide"), "proxy")
+    decide = _decide(top.section("decide")) if top.has("decide") else DecideConfig()
+    if top.has("decide") and mode != "decide":
+        top.error("decide", "top-level decide settings need mode: decide")
     admin = _admin(top.section("admin"))
     storage = _storage(top.section("storage"))
     upstreams = {
@@ -271,6 +275,7 @@ def _build(top: Section, source: ConfigSource) -> Config:
         source=source,
         listen=listen,
         mode=mode,
+        decide=decide,
         admin=admin,
         storage=storage,
         upstreams=upstreams,

@@ -23,7 +23,6 @@ from proxy.replies import json_error, json_reply
 from proxy.runtime import Runtime, Snapshot
 
 log = logging.getLogger("sluice.server")
-LISTENER_DECIDE = DecideConfig()
 
 
 class MainHandler:
@@ -100,15 +99,16 @@ class MainHandler:
         self, request: web.BaseRequest, snap: Snapshot
     ) -> tuple[str, web.StreamResponse]:
         """``mode: decide``: the described request is routed like proxied traffic would be."""
+        decide = snap.config.decide
         try:
-            described = describe(request, "auto")
+            described = describe(request, decide.source)
         except BadDescription as exc:
             return "none", json_error(400, "bad_decision_request", str(exc))
         host = request.headers.get("X-Forwarded-Host") or request.host
         route = snap.router.route_for(described.method, described.path, host, described.headers)
         if route is None:  # nothing limits this request
             return "none", web.Response(status=200, text="allowed\n")
-        return route.name, await self._decision(request, snap, route, described, LISTENER_DECIDE)
+        return route.name, await self._decision(request, snap, route, described, decide)
 
     async def _decision(
         self,

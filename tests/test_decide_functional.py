@@ -35,6 +35,7 @@ LISTENER = """
 listen: {listen}
 admin: {{listen: "{admin}"}}
 mode: decide
+decide: {{source: nginx, deny_status: 403}}
 clients: {{trusted_proxies: [127.0.0.1/32]}}
 limits:
   - {{name: api, key: "header:X-API-Key | ip", algorithm: gcra, limit: 1, window: 1h}}
@@ -132,8 +133,11 @@ async def test_listener_wide_decide_mode(tmp_path: Path, client: aiohttp.ClientS
         async with client.get(s.url + "/anything", headers=h) as r:
             assert r.status == 200
         async with client.get(s.url + "/anything", headers=h) as r:
-            assert r.status == 429
+            assert r.status == 403  # decide.deny_status: what NGINX auth_request understands
+            assert "Retry-After" in r.headers
         async with client.get(s.url + "/", headers=nginx_headers("/public", "192.0.2.1")) as r:
             assert r.status == 200  # no route: nothing limits it
         async with client.get(s.url + "/", headers={"X-Original-URI": "relative"}) as r:
+            assert r.status == 400
+        async with client.get(s.url + "/api/a") as r:  # source nginx: the header is required
             assert r.status == 400
