@@ -42,6 +42,7 @@ from proxy.events.settings import NotificationsSettings, WebhookSettings
 from proxy.events.signing import delivery_body, delivery_id
 
 log = logging.getLogger("sluice.events")
+GAUGES_EVERY = 5.0  # seconds between refreshes of the queue gauges (and at once after a change)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class _Sub:
     disabled: bool = False
     checked_at: float = float("-inf")
     maintain_at: float = 0.0
+    gauges_at: float = 0.0
     failing: bool = False
 
 
@@ -208,6 +210,8 @@ class DeliveryWorker:
             until = now + self.poll
             if sub.held is not None and sub.hold_until > now:
                 until = min(until, sub.hold_until)
+        if self.metrics and sub.gauges_at > now:  # keep the gauges fresh through long pauses
+            until = min(until, sub.gauges_at)
         sleeper = asyncio.ensure_future(self.clock.sleep(until - now))
         waker = asyncio.ensure_future(sub.wake.wait())
         try:
@@ -222,6 +226,9 @@ class DeliveryWorker:
         sub = self._subs[name]
         hook = sub.hook
         now = self.clock.time()
+        if self.metrics and now >= sub.gauges_at:  # whatever state the subscription is in
+            sub.gauges_at = now + GAUGES_EVERY
+            await self.status(name)  # refreshes the gauges
         if now < sub.paused_until or not hook.enabled:
             return False
         if now - sub.checked_at >= self.poll:
@@ -235,8 +242,6 @@ class DeliveryWorker:
         if now >= sub.maintain_at:
             sub.maintain_at = now + self.maintain_every
             await self.outbox.maintain(name)
-            if self.metrics:
-                await self.status(name)  # refreshes the gauges
         lease = max(self.lease, hook.batch.max_wait + 2 * hook.timeout)
         delivery = await self.outbox.claim_due(name, self.consumer, now, lease)
         if delivery is None:
@@ -302,6 +307,7 @@ class DeliveryWorker:
             )
             sub.disabled, sub.checked_at = True, now
             log.warning("webhook %s: disabled: %s", name, reason)
+            sub.gauges_at = 0.0  # show it on the next pass, not GAUGES_EVERY later
             return
         delay = None
         if outcome.verdict is Verdict.RETRY:
@@ -312,6 +318,7 @@ class DeliveryWorker:
                 reason = f"gave up after {attempts} attempts; last error: {outcome.error}"
             await self.outbox.bury(name, d, attempts=attempts, reason=reason, now=now)
             log.warning("webhook %s: %d event(s) dead-lettered: %s", name, len(d.events), reason)
+            sub.gauges_at = 0.0
             return
         if outcome.retry_after is not None:
             delay = max(delay, outcome.retry_after)

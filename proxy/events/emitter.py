@@ -173,6 +173,9 @@ class Emitter:
         windows = self._aggregator.drain() if everything else self._aggregator.due(now)
         for window in windows:
             self._buffer.append((REJECTED, window.data(), now))
+            self.emitted += 1  # an aggregated event enters the buffer here, not via emit()
+            if self.metrics:
+                self.metrics.emitted.labels(REJECTED).inc()
         hooks = self.settings.active
         while self._buffer:
             kind, data, at = self._buffer.popleft()
