@@ -9,7 +9,19 @@
   rules, Sluice with one and with five Redis-backed rules (limits never
   reached), Sluice with one rule every request is over (429s from the local
   deny cache), nginx ``proxy_pass`` and a bare aiohttp forwarder
-  (``bare_forwarder.py``); the Redis-backed variants share one redis-server.
+  (``bare_forwarder.py``); the Redis-backed variants share one redis-server;
+* the short links and webhooks, all ``memory://``: Sluice answering a cached
+  short link (``sluice-redirect``: ``GET /s/hot``, created through the admin
+  API once it is up), the same with a webhook for every event (one
+  ``redirect.followed`` per click), and Sluice answering 429 to every request
+  with and without that webhook (rejections aggregated per client): paired
+  ratios judged against the issue's targets (a redirect at least as fast as a
+  proxied request; webhooks costing at most 5%), and whether webhook
+  deliveries keep up. They run the "loaded" load only, for
+  ``--links-duration`` seconds (``sluice-redirect`` also "paced"); after each
+  run the harness waits until the target is idle again (its clicks' analytics
+  are recorded after the answers) and reports that CPU, and webhook
+  deliveries are paused outside the target's own runs (they fall behind).
 
 Each target is then loaded with wrk three ways, interleaved in rounds:
 "loaded" (throughput: -t1 -c32), "paced" (a moderate rate: ``paced.lua``)
@@ -25,5 +37,5 @@ client (``redis_memory.py``). Everything is also written to
 ``bench/results/latest.md``. By default the target runs alone on one CPU;
 wrk, the upstream and Redis share the other (``procs.LAYOUTS``). Everything
 started is stopped by PID, also on Ctrl-C or SIGTERM. A default run takes
-about 4 minutes; ``--quick`` is a ~45 s smoke run.
+about 5 minutes; ``--quick`` is a ~75 s smoke run.
 """

@@ -38,6 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="seconds per target per round for the paced and unloaded loads (default 2)",
     )
+    parser.add_argument(
+        "--links-duration",
+        type=int,
+        default=3,
+        help="seconds per round, loaded, for the short-link and webhook targets (default 3;"
+        " each also waits after its run until it is idle again)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed seconds per target first")
     parser.add_argument("--connections", type=int, default=32, help="wrk -c, loaded (default 32)")
     parser.add_argument(
@@ -85,11 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.duration, args.latency_duration, args.warmup = 1, 2, 1, 1
         args.memory_clients = min(args.memory_clients, 10_000)
+        args.links_duration = min(args.links_duration, args.duration)
     unknown = [n for n in args.targets.split(",") if n not in BY_NAME]
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
-    if min(args.rounds, args.duration, args.latency_duration) < 1:
-        parser.error("--rounds, --duration and --latency-duration must be at least 1")
+    if min(args.rounds, args.duration, args.latency_duration, args.links_duration) < 1:
+        parser.error(
+            "--rounds, --duration, --latency-duration and --links-duration must be at least 1"
+        )
     if args.memory_clients < 0 or args.memory_clients > 1 << 24:
         parser.error("--memory-clients must be between 0 and 16777216")
     return args
@@ -120,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)  # unwind through the finally below, stopping children
     layout = resolve_layout(args.pin)
-    plan = runner.Plan(args.rounds, loads(args), args.warmup, layout.get("wrk"))
+    only = {t.name: t.loads for t in TARGETS if t.loads is not None}
+    durations = {(t.name, "loaded"): args.links_duration for t in TARGETS if t.links}
+    plan = runner.Plan(args.rounds, loads(args), args.warmup, layout.get("wrk"), only, durations)
     workdir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     workdir.chmod(0o755)  # nginx workers run unprivileged when the harness is root
     lab = Lab(workdir, layout, args.upstream)
@@ -155,7 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     storage = report.storage_summary(samples, plan.loads)
     meta = describe(args, layout, endpoints, started, load_before)
     print(header(meta))
-    print(report.render(summary, comparison, plan.loads, samples, args.rounds, storage, memory))
+    print(
+        report.render(
+            summary,
+            comparison,
+            plan.loads,
+            samples,
+            args.rounds,
+            storage,
+            memory,
+            args.links_duration,
+        )
+    )
     report.write_json(args.output, meta, samples, summary, comparison, storage, memory)
     table = args.output.with_suffix(".md")
     table.write_text(report.markdown(summary, comparison, storage, memory, meta))

@@ -68,6 +68,7 @@ def describe(
         "settings": {
             "rounds": args.rounds,
             "duration": args.duration,
+            "links_duration": args.links_duration,
             "latency_duration": args.latency_duration,
             "warmup": args.warmup,
             "connections": args.connections,
@@ -80,6 +81,7 @@ def describe(
         "targets": {
             name: {
                 "about": BY_NAME[name].about,
+                "loads": list(BY_NAME[name].loads or ()) or "all",
                 "url": endpoint.url,
                 "command": [str(a) for a in endpoint.service.proc.args],  # type: ignore[union-attr]
             }
@@ -100,6 +102,6 @@ def header(meta: Mapping[str, Any]) -> str:
         f"upstream: {settings['upstream']}, fixed small body",
         "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "targets:",
-        *(f"  {name:<16}{t['about']}" for name, t in meta["targets"].items()),
+        *(f"  {name:<22}{t['about']}" for name, t in meta["targets"].items()),
     ]
     return "\n".join(lines)

@@ -28,6 +28,26 @@ TARGET_P50_MS = 1.0
 TARGET_P99_MS = 5.0
 THROUGHPUT_LOAD = "loaded"
 MODERATE_LOAD = "paced"
+# Short links and webhooks (the issue's targets): each of these is paired with the
+# targets named here only, not with every baseline; then the floors of the ratios.
+PAIRED_WITH: dict[str, tuple[str, ...]] = {
+    "sluice-redirect": (NO_RULES,),
+    "sluice-redirect-hooks": ("sluice-redirect",),
+    "sluice-reject": (),
+    "sluice-reject-hooks": ("sluice-reject",),
+}
+LINK_TARGETS = {
+    "sluice-redirect/sluice": (1.0, "a cached redirect at least as fast as a proxied request"),
+    "sluice-redirect-hooks/sluice-redirect": (
+        0.95,
+        "webhooks cost <= 5% (one redirect.followed event per click)",
+    ),
+    "sluice-reject-hooks/sluice-reject": (
+        0.95,
+        "webhooks cost <= 5% (a 429 for every request, rejections aggregated)",
+    ),
+}
+KEPT_UP = 0.9  # deliveries keep up: events delivered during a run / events queued
 DISTURBED = 0.2  # CPUs busy outside the bench above which a figure is suspect
 
 Stat = dict[str, float]
@@ -59,9 +79,33 @@ def summarize(samples: Sequence[Sample], loads: Sequence[Load], targets: Sequenc
                 "errors": sum(r.errors for r in runs),
                 "foreign_cpu": median(r.foreign_cpu for r in runs),
                 "rounds": len(runs),
+                **_links_and_hooks(runs),
             }
         out[load.name] = rows
     return out
+
+
+def _links_and_hooks(runs: Sequence[Sample]) -> Stat:
+    """For a short-link or webhook target: CPU after the run, clicks and events."""
+    after = [r.after_cpu_seconds for r in runs if r.after_cpu_seconds is not None]
+    if not after:
+        return {}
+    requests = max(sum(r.result.requests for r in runs), 1)
+    counters = [r.sluice for r in runs if r.sluice is not None]
+    redirects = sum(c.redirects for c in counters)
+    row: Stat = {"after_cpu_seconds": median(after), "redirects_per_request": redirects / requests}
+    if redirects:
+        row["clicks_dropped_share"] = sum(c.clicks_dropped for c in counters) / redirects
+    backlogs = [r.backlog for r in runs if r.backlog is not None]
+    if backlogs:
+        row.update(
+            events_per_request=sum(c.events_queued for c in counters) / requests,
+            delivered_per_request=sum(c.events_delivered for c in counters) / requests,
+            events_dropped=sum(c.events_dropped for c in counters),
+            deliveries_failed=sum(c.deliveries_failed for c in counters),
+            backlog_max=max(backlogs),
+        )
+    return row
 
 
 def _paired(
@@ -99,7 +143,8 @@ def compare(samples: Sequence[Sample], loads: Sequence[Load], proxies: Sequence[
     the upstream (p50 and p99, per load)."""
     out: dict[str, Any] = {"throughput": {}, "cpu_bound_throughput": {}}
     for sluice in (name for name in proxies if name.startswith("sluice")):
-        for base in ((NO_RULES,) if sluice != NO_RULES else ()) + BASELINES:
+        bases = PAIRED_WITH.get(sluice, ((NO_RULES,) if sluice != NO_RULES else ()) + BASELINES)
+        for base in bases:
             pair = f"{sluice}/{base}"
             if stat := _paired(samples, THROUGHPUT_LOAD, sluice, base, _rps_ratio):
                 out["throughput"][pair] = stat
@@ -189,6 +234,23 @@ def verdicts(comparison: Any, storage: Any | None = None) -> dict[str, dict[str,
     return out
 
 
+def link_verdicts(comparison: Any, summary: Any) -> dict[str, dict[str, bool]]:
+    """The short-link and webhook targets: paired throughput ratios under 'loaded'
+    against their floors, and whether webhook deliveries kept up with the events."""
+    out: dict[str, dict[str, bool]] = {}
+    for pair, (floor, _) in LINK_TARGETS.items():
+        stat = comparison["throughput"].get(pair)
+        if stat is not None:
+            name = pair.partition("/")[0]
+            out.setdefault(name, {})[f"{pair} >= {floor:g}"] = stat["median"] >= floor
+    for name, row in summary.get(THROUGHPUT_LOAD, {}).items():
+        queued = row.get("events_per_request")
+        if queued:  # at least one event queued: aggregated rejections may queue none
+            kept = row["delivered_per_request"] >= KEPT_UP * queued
+            out.setdefault(name, {})[f"deliveries >= {KEPT_UP:.0%} of events"] = kept
+    return out
+
+
 def _range(stat: Stat, fmt: str) -> str:
     if stat["min"] == stat["max"]:
         return f"{stat['median']:{fmt}}"
@@ -201,12 +263,12 @@ def _tables(summary: Any, loads: Sequence[Load], rounds: int) -> list[str]:
         lines.append("")
         lines.append(f"{load.name}: {load.about}; wrk {' '.join(load.args()[:3])}")
         lines.append(
-            f"  {'target':<16}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+            f"  {'target':<22}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
             f"{'CPU us/req':>12}{'errors':>8}{'other CPU':>11}"
         )
         for name, row in summary[load.name].items():
             lines.append(
-                f"  {name:<16}{row['rps']:>10,.0f}{row['p50_ms']:>9.3f}{row['p90_ms']:>9.3f}"
+                f"  {name:<22}{row['rps']:>10,.0f}{row['p50_ms']:>9.3f}{row['p90_ms']:>9.3f}"
                 f"{row['p99_ms']:>9.3f}{row['cpu_us_per_request']:>12.1f}{row['errors']:>8}"
                 f"{row['foreign_cpu']:>11.2f}"
             )
@@ -224,10 +286,10 @@ def _tables(summary: Any, loads: Sequence[Load], rounds: int) -> list[str]:
 def _ratios(comparison: Any) -> list[str]:
     lines = ["", f"throughput ratios ({THROUGHPUT_LOAD}; paired per round: median [min .. max])"]
     for pair, stat in comparison["throughput"].items():
-        lines.append(f"  {pair:<24}{_range(stat, '.3f')}")
+        lines.append(f"  {pair:<40}{_range(stat, '.3f')}")
     lines += ["", "the same if CPU-bound (baseline's CPU us/req over Sluice's; steadier)"]
     for pair, stat in comparison["cpu_bound_throughput"].items():
-        lines.append(f"  {pair:<24}{_range(stat, '.3f')}")
+        lines.append(f"  {pair:<40}{_range(stat, '.3f')}")
     return lines
 
 
@@ -236,12 +298,12 @@ def _added_latency(comparison: Any) -> list[str]:
         "",
         "added latency over the upstream, ms (paired per round: median [min .. max]);",
         f"  under '{THROUGHPUT_LOAD}' it is mostly queueing (latency ~ connections / req/s)",
-        f"  {'proxy':<16}{'load':<10}{'p50':<34}p99",
+        f"  {'proxy':<22}{'load':<10}{'p50':<34}p99",
     ]
     for proxy, by_load in comparison["added_latency_over_upstream"].items():
         for load_name, stat in by_load.items():
             lines.append(
-                f"  {proxy:<16}{load_name:<10}{_range(stat['p50_ms'], '+.3f'):<34}"
+                f"  {proxy:<22}{load_name:<10}{_range(stat['p50_ms'], '+.3f'):<34}"
                 f"{_range(stat['p99_ms'], '+.3f')}"
             )
     return lines
@@ -259,6 +321,117 @@ def _verdicts(comparison: Any, storage: Any) -> list[str]:
     for name, checks in judged.items():
         text = ", ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in checks.items())
         lines.append(f"  {name}: {text}")
+    return lines
+
+
+LINK_ROWS = (NO_RULES, *PAIRED_WITH)
+
+
+def _links_about(connections: int | None, seconds: int | None) -> str:
+    """How the short-link and webhook targets were loaded (their runs are shorter)."""
+    return f"wrk -c{connections}" + (f" -d{seconds}s" if seconds else "")
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _events(row: Mapping[str, Any]) -> str:
+    if "events_per_request" not in row:
+        return "-"
+    return f"{row['events_per_request']:.3f} / {row['delivered_per_request']:.3f}"
+
+
+def _judged(comparison: Any, summary: Any) -> list[tuple[str, str, bool]]:
+    """(what, figure, met) for each short-link and webhook target."""
+    out = []
+    for pair, (floor, about) in LINK_TARGETS.items():
+        stat = comparison["throughput"].get(pair)
+        if stat is not None:
+            what = f"{about}: {pair} >= {floor:g}"
+            out.append((what, _range(stat, ".2f"), stat["median"] >= floor))
+    for name, row in summary.get(THROUGHPUT_LOAD, {}).items():
+        queued = row.get("events_per_request")
+        if queued:
+            what = (
+                f"webhook deliveries keep up: {name} delivers >= {KEPT_UP:.0%}"
+                " of the events it queues"
+            )
+            figure = f"{row['delivered_per_request'] / queued:.0%}"
+            out.append((what, figure, row["delivered_per_request"] >= KEPT_UP * queued))
+    return out
+
+
+def _links(summary: Any, comparison: Any, about: str) -> list[str]:
+    loaded, paced = summary.get(THROUGHPUT_LOAD, {}), summary.get(MODERATE_LOAD, {})
+    names = [n for n in LINK_ROWS if n in loaded]
+    if not any(n in PAIRED_WITH for n in names):
+        return []
+    lines = [
+        "",
+        f"short links and webhooks ('{THROUGHPUT_LOAD}': {about}; medians over rounds)",
+        f"  {'target':<22}{'req/s':>9}{'CPU us/req':>11}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'CPU s after':>12}{'clicks dropped':>15}{'events/req':>11}{'delivered':>10}"
+        f"{'backlog':>9}{'errors':>7}",
+    ]
+    for name in names:
+        row = loaded[name]
+        after = row.get("after_cpu_seconds")
+        events = row.get("events_per_request")
+        lines.append(
+            f"  {name:<22}{row['rps']:>9,.0f}{row['cpu_us_per_request']:>11.0f}"
+            f"{row['p50_ms']:>8.2f}{row['p99_ms']:>8.2f}"
+            f"{'-' if after is None else f'{after:.1f}':>12}"
+            f"{_share(row.get('clicks_dropped_share')):>15}"
+            + (
+                f"{events:>11.3f}{row['delivered_per_request']:>10.3f}{row['backlog_max']:>9,}"
+                if events is not None
+                else f"{'-':>11}{'-':>10}{'-':>9}"
+            )
+            + f"{row['errors']:>7}"
+        )
+    lines += [
+        "CPU s after: CPU seconds the target spent after wrk stopped, until idle: the",
+        "  clicks still queued for analytics, recorded after the answers (at most",
+        "  redirects.analytics_queue: 10000), and the events' last flush; the harness",
+        "  waits for it before the next target. clicks dropped: clicks whose analytics",
+        "  were not recorded (that queue full). events/req: webhook event copies queued",
+        "  in the outbox per request; delivered: events delivered per request during the",
+        "  run (deliveries are paused outside the target's own runs, so each run also",
+        "  delivers what earlier runs left); backlog: most events queued, not yet",
+        "  delivered, at the end of a run.",
+    ]
+    redirect, proxied = paced.get("sluice-redirect"), paced.get(NO_RULES)
+    if redirect:
+        lines.append(
+            f"redirect latency at moderate load ('{MODERATE_LOAD}'): p50 {redirect['p50_ms']:.3f}"
+            f" ms, p99 {redirect['p99_ms']:.3f} ms"
+            + (
+                f" (proxied, {NO_RULES}: p50 {proxied['p50_ms']:.3f}, p99 {proxied['p99_ms']:.3f})"
+                if proxied
+                else ""
+            )
+        )
+    lines += [
+        "",
+        f"  {'paired per round: median [min .. max]':<40}{'req/s (measured)':<26}CPU-bound",
+    ]
+    for pair in LINK_TARGETS:
+        measured = comparison["throughput"].get(pair)
+        cpu = comparison["cpu_bound_throughput"].get(pair)
+        if measured:
+            lines.append(
+                f"  {pair:<40}{_range(measured, '.3f'):<26}{_range(cpu, '.3f') if cpu else '-'}"
+            )
+    judged = _judged(comparison, summary)
+    if judged:
+        lines += [
+            "",
+            f"short-link and webhook targets (throughput ratios under '{THROUGHPUT_LOAD}'):",
+        ]
+        lines += [
+            f"  {what}: {figure}: {'met' if ok else 'NOT met'}" for what, figure, ok in judged
+        ]
     return lines
 
 
@@ -368,7 +541,10 @@ def render(
     rounds: int,
     storage: Any = None,
     memory: Sequence[MemoryRow] = (),
+    links_duration: int | None = None,
 ) -> str:
+    loaded = next((load for load in loads if load.name == THROUGHPUT_LOAD), None)
+    about = _links_about(loaded.connections if loaded else None, links_duration)
     return "\n".join(
         [
             *_tables(summary, loads, rounds),
@@ -376,6 +552,7 @@ def render(
             *_added_latency(comparison),
             *_storage(storage),
             *_memory(memory),
+            *_links(summary, comparison, about),
             *_verdicts(comparison, storage),
             *_warning(samples),
         ]
@@ -439,6 +616,8 @@ def markdown(
     for pair in comparison["throughput"]:
         if not pair.endswith("/upstream"):
             lines.append(f"| {pair} | {_ratio_cell(comparison, pair)} |")
+    about = _links_about(settings["connections"], settings.get("links_duration"))
+    lines += _links_markdown(summary, comparison, about)
     if memory:
         lines += [
             "",
@@ -459,6 +638,39 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def _links_markdown(summary: Any, comparison: Any, about: str) -> list[str]:
+    loaded, paced = summary.get(THROUGHPUT_LOAD, {}), summary.get(MODERATE_LOAD, {})
+    names = [n for n in LINK_ROWS if n in loaded]
+    if not any(n in PAIRED_WITH for n in names):
+        return []
+    lines = [
+        "",
+        f"| short links and webhooks ({about}) | req/s | CPU µs/req | p99 ms"
+        " (at ~800 req/s) | CPU s after the run | clicks dropped"
+        " | webhook events / delivered per req |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name in names:
+        row = loaded[name]
+        after = row.get("after_cpu_seconds")
+        lat = paced.get(name)
+        lines.append(
+            f"| {name} | {row['rps']:,.0f} | {row['cpu_us_per_request']:.0f}"
+            f" | {row['p99_ms']:.2f}"
+            + (f" ({lat['p99_ms']:.2f})" if lat else "")
+            + f" | {'-' if after is None else f'{after:.1f}'}"
+            + f" | {_share(row.get('clicks_dropped_share'))} | {_events(row)} |"
+        )
+    judged = _judged(comparison, summary)
+    if judged:
+        lines += ["", "| target (paired per round) | median [min .. max] | |", "|---|--:|---|"]
+        lines += [
+            f"| {what} | {figure} | {'met' if ok else '**NOT met**'} |"
+            for what, figure, ok in judged
+        ]
+    return lines
+
+
 def write_json(
     path: Path,
     meta: Mapping[str, Any],
@@ -476,6 +688,7 @@ def write_json(
         "storage": storage or {},
         "memory": [asdict(row) for row in memory],
         "verdicts": verdicts(comparison, storage),
+        "link_verdicts": link_verdicts(comparison, summary),
         "foreign_cpu_mean": disturbance(samples),
         "samples": [
             {
@@ -489,6 +702,8 @@ def write_json(
                 "storage": asdict(s.storage) if s.storage is not None else None,
                 "redis_cpu_us_per_request": s.redis_cpu_us_per_request,
                 "sluice": asdict(s.sluice) if s.sluice is not None else None,
+                "after_cpu_seconds": s.after_cpu_seconds,
+                "backlog": s.backlog,
             }
             for s in samples
         ],

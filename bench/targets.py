@@ -6,7 +6,19 @@ Extra Sluice variants are ``sluice_target(Variant(...))`` (see ``sluice.py``).
 A Redis-backed variant's endpoint names the lab's redis-server, so the runner
 counts the commands it sent there during each measurement, and its admin
 ``/metrics``, for the storage calls that failed; a target that is meant to
-answer 429 (``denies``) counts its 2xx answers as the errors.
+answer 429 (``denies``) counts its 2xx answers as the errors, and one meant
+to answer redirects (``redirects``) counts as errors the answers Sluice did
+not count as redirects (wrk tells only status >= 400 apart, not 2xx from 3xx).
+
+A target may run only some of the loads (``Target.loads``): the short-link and
+webhook targets (``links``) run "loaded" only, for ``--links-duration`` seconds
+(``sluice-redirect`` also "paced", for the redirect's p99 at a moderate rate),
+to keep the default run short. Those
+targets also ``settle``: after each run the harness waits until the target is
+idle again (the clicks it queued for analytics are recorded after the answer)
+so that work is charged to it and not to the next target measured on the same
+CPU; a target with ``webhooks`` has its deliveries paused outside its own runs
+(``sluice.set_webhook``) for the same reason: they fall behind under load.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ from bench.redis_stats import RedisProbe
 
 HERE = Path(__file__).resolve().parent
 PATH = "/bench/item?id=1"
+REDIRECT_PATH = sluice.REDIRECT_PREFIX + sluice.HOT_CODE
+LOADED_ONLY = ("loaded",)
 
 
 @dataclass
@@ -52,7 +66,11 @@ class Endpoint:
     service: Service
     redis: Redis | None = None  # the storage whose commands are counted per request
     denies: bool = False  # every answer should be a 429
-    metrics_url: str | None = None  # Sluice's admin /metrics: storage errors, unchecked
+    metrics_url: str | None = None  # Sluice's admin /metrics: storage errors, unchecked, ...
+    redirects: bool = False  # every answer should be a redirect (3xx)
+    admin_url: str | None = None  # Sluice's admin listener (the links and webhooks API)
+    webhooks: bool = False  # deliveries paused outside this target's own runs
+    settles: bool = False  # after each run, wait until its processes are idle
 
 
 @dataclass
@@ -139,6 +157,8 @@ class Target:
     about: str
     start: Starter  # (lab, target name) -> Endpoint
     is_proxy: bool = True
+    loads: tuple[str, ...] | None = None  # the loads it runs (None: every load)
+    links: bool = False  # a short-link or webhook target: "loaded" for --links-duration
 
 
 def _direct(lab: Lab, name: str) -> Endpoint:
@@ -161,8 +181,9 @@ def _bare(lab: Lab, name: str) -> Endpoint:
     return Endpoint(url, lab.spawn(name, "proxy", cmd, url))
 
 
-def sluice_target(variant: sluice.Variant) -> Starter:
-    """A starter for ``python -m proxy serve`` with a rules file generated from ``variant``."""
+def sluice_target(variant: sluice.Variant, path: str = PATH) -> Starter:
+    """A starter for ``python -m proxy serve`` with a rules file generated from ``variant``;
+    wrk loads ``path`` (``REDIRECT_PATH``: the hot short link, created once it is up)."""
 
     def start_sluice(lab: Lab, name: str) -> Endpoint:
         port, admin_port = free_port(), free_port()
@@ -178,11 +199,26 @@ def sluice_target(variant: sluice.Variant) -> Starter:
             data_dir=directory / "var",
         )
         rules_file = sluice.write_rules(directory / "rules.yaml", data)
-        url = f"http://127.0.0.1:{port}{PATH}"
+        base = f"http://127.0.0.1:{port}"
         # Readiness wants a 200: for a variant that denies, that is its one admitted request.
-        service = lab.spawn(name, "proxy", sluice.command(rules_file), url)
-        metrics = f"http://127.0.0.1:{admin_port}/metrics" if variant.limits else None
-        return Endpoint(url, service, redis, variant.denies, metrics)
+        service = lab.spawn(name, "proxy", sluice.command(rules_file), base + PATH)
+        admin = f"http://127.0.0.1:{admin_port}"
+        if variant.redirects:
+            sluice.create_link(admin, base)
+        if variant.webhooks:
+            sluice.set_webhook(admin, enabled=False)  # until its own runs: see the module doc
+        observed = variant.limits or variant.redirects or variant.webhooks
+        return Endpoint(
+            base + path,
+            service,
+            redis,
+            variant.denies,
+            admin + "/metrics" if observed else None,
+            redirects=path.startswith(sluice.REDIRECT_PREFIX),
+            admin_url=admin,
+            webhooks=variant.webhooks,
+            settles=variant.redirects or variant.webhooks,
+        )
 
     return start_sluice
 
@@ -204,6 +240,34 @@ TARGETS: tuple[Target, ...] = (
         "sluice-denied",
         "the same + 1 Redis rule of 1/h per IP: every request after the first is a 429",
         sluice_target(sluice.DENIED),
+    ),
+    Target(
+        "sluice-redirect",
+        "Sluice with redirects: {prefix: /s/}: GET /s/hot, a cached link (302, no store call)",
+        sluice_target(sluice.REDIRECT, REDIRECT_PATH),
+        loads=("loaded", "paced"),
+        links=True,
+    ),
+    Target(
+        "sluice-redirect-hooks",
+        "the same + a webhook for every event: one redirect.followed per click",
+        sluice_target(sluice.REDIRECT_HOOKS, REDIRECT_PATH),
+        loads=LOADED_ONLY,
+        links=True,
+    ),
+    Target(
+        "sluice-reject",
+        "Sluice, memory://, redirects on + 1 rule of 1/h per IP: 429s from the deny cache",
+        sluice_target(sluice.REJECT),
+        loads=LOADED_ONLY,
+        links=True,
+    ),
+    Target(
+        "sluice-reject-hooks",
+        "the same + a webhook for every event: rejections aggregated per client per 10 s",
+        sluice_target(sluice.REJECT_HOOKS),
+        loads=LOADED_ONLY,
+        links=True,
     ),
     Target("nginx", "nginx proxy_pass, keepalive upstream pool", _nginx_proxy),
     Target("bare", "bare aiohttp forwarder (bench/bare_forwarder.py)", _bare),
