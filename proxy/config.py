@@ -30,6 +30,8 @@ from proxy.yamlsrc import Node, parse
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
 HEADER_FAMILIES = ("x-ratelimit", "ietf")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +159,18 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """``logging:``. Level, access and show_keys apply on reload; format and buffer on
+    restart (the writer thread is set up once per process, see ``proxy.logs``)."""
+
+    level: str = "info"  # SLUICE_LOG_LEVEL and --log-level override it
+    format: str = "text"  # text | json (one object per line)
+    access: float = 0.0  # share of main-listener requests given an access line (0: off)
+    show_keys: bool = False  # raw client keys in access lines (default: masked)
+    buffer: int = 10_000  # records waiting for the writer thread; beyond: dropped, counted
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigSource:
     path: str
     sha256: str
@@ -178,6 +192,7 @@ class Config:
     redirects: RedirectsConfig | None = None
     notifications: NotificationsSettings = field(default_factory=NotificationsSettings)
     server: ServerConfig = ServerConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -260,6 +275,7 @@ def _build(top: Section, source: ConfigSource) -> Config:
         limits[rule.name] = rule
         del i
     server = _server(top.section("server"))
+    logging_ = _logging(top.section("logging"))
     routes = tuple(
         _route(i, sec, upstreams, limits, mode)
         for i, sec in enumerate(top.list_of_sections("routes"))
@@ -285,6 +301,7 @@ def _build(top: Section, source: ConfigSource) -> Config:
         redirects=redirects,
         notifications=notifications,
         server=server,
+        logging=logging_,
     )
 
 
@@ -510,6 +527,34 @@ def _server(sec: Section) -> ServerConfig:
     )
     sec.finish()
     return out
+
+
+def _logging(sec: Section) -> LoggingConfig:
+    d = LoggingConfig()
+    out = LoggingConfig(
+        level=sec.choice("level", LOG_LEVELS, d.level),
+        format=sec.choice("format", LOG_FORMATS, d.format),
+        access=sec.convert("access", d.access, _access_share),
+        show_keys=sec.boolean("show_keys", d.show_keys),
+        buffer=sec.integer("buffer", d.buffer, minimum=1),
+    )
+    sec.finish()
+    return out
+
+
+def _access_share(v: object) -> float:
+    """``true`` (every request), ``false`` (none) or ``sample:RATE`` (that share, 0 to 1)."""
+    if isinstance(v, bool):
+        return 1.0 if v else 0.0
+    kind, sep, rate = str(v).partition(":")
+    if isinstance(v, str) and sep and kind.strip() == "sample":
+        try:
+            share = float(rate)
+        except ValueError:
+            share = -1.0
+        if 0.0 <= share <= 1.0:
+            return share
+    raise ValueError(f"expected true, false or sample:RATE with RATE from 0 to 1, got {v!r}")
 
 
 __all__ = ["Config", "ConfigError", "Node", "load", "loads"]
