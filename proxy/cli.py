@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -17,31 +16,6 @@ if TYPE_CHECKING:
 
 # aiohttp and the config loader are imported where they are used: `sluice links`
 # needs neither, and a shell command should start quickly.
-
-
-class _DropBadRequests(logging.Filter):
-    """aiohttp logs a traceback for every malformed request a client sends; a client's
-    bad bytes are answered with 400 and are not worth a traceback in the operator's log."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from aiohttp.http_exceptions import HttpProcessingError
-
-        self.ignored = HttpProcessingError
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, self.ignored)
-
-
-def setup_logging(level: str | None) -> None:
-    name = (level or os.environ.get("SLUICE_LOG_LEVEL") or "info").upper()
-    logging.basicConfig(
-        level=getattr(logging, name, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiohttp.server").addFilter(_DropBadRequests())
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -68,26 +42,36 @@ def load_or_report(path: str) -> Config | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
     config = load_or_report(args.config)
     if config is None:
         return 1
+    from proxy import logs
+
+    logs.setup(config.logging, args.log_level)
 
     def one_worker(reuse_port: bool) -> int:
         # Imported here, not above: with several workers the supervisor must set
         # PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported.
         from proxy.worker import serve
 
-        cfg = load_or_report(args.config) if reuse_port else config
-        if cfg is None:
-            return 1
-        return run_loop(serve(cfg, reuse_port=reuse_port))
+        try:
+            cfg = load_or_report(args.config) if reuse_port else config
+            if cfg is None:
+                return 1
+            logs.apply(cfg.logging)
+            return run_loop(serve(cfg, reuse_port=reuse_port))
+        finally:
+            if reuse_port:  # a forked worker ends with os._exit: write its last lines now
+                logs.flush()
 
-    if args.workers <= 1:
-        return one_worker(False)
-    from proxy.supervisor import Supervisor
+    try:
+        if args.workers <= 1:
+            return one_worker(False)
+        from proxy.supervisor import Supervisor
 
-    return Supervisor(config, args.workers, lambda: one_worker(True)).run()
+        return Supervisor(config, args.workers, lambda: one_worker(True)).run()
+    finally:
+        logs.shutdown()
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -188,6 +188,11 @@ class Metrics:
             "Clicks whose analytics were not recorded (queue full, or the store failed).",
             registry=r,
         )
+        self.log_dropped = Counter(
+            "sluice_log_dropped",
+            "Log records dropped because the log writer fell behind (stderr slow or blocked).",
+            registry=r,
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         """The text to serve on /metrics: this worker's, or all workers' added up."""

@@ -40,6 +40,7 @@ from proxy.links.analytics import referrer_host, ua_family
 from proxy.links.codes import is_code
 from proxy.links.model import Expired, cache_control, choose_variant, resolve
 from proxy.linkservice import LinkService
+from proxy.logs import AccessNote
 from proxy.metrics import Children
 from proxy.replies import json_reply
 from proxy.runtime import Runtime, Snapshot
@@ -144,14 +145,26 @@ class RedirectHandler:
         self.answered = Children(runtime.metrics.redirects)
 
     async def __call__(
-        self, request: web.BaseRequest, snap: Snapshot, cfg: RedirectsConfig, code: str
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        cfg: RedirectsConfig,
+        code: str,
+        note: AccessNote | None = None,
     ) -> web.StreamResponse:
-        response = await self._answer(request, snap, cfg, code)
+        """Answer one redirect request; ``note``, when the request gets an access line,
+        collects the limits' decisions."""
+        response = await self._answer(request, snap, cfg, code, note)
         self.answered(str(response.status)).inc()
         return response
 
     async def _answer(
-        self, request: web.BaseRequest, snap: Snapshot, cfg: RedirectsConfig, code: str
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        cfg: RedirectsConfig,
+        code: str,
+        note: AccessNote | None,
     ) -> web.StreamResponse:
         if request.method not in ("GET", "HEAD"):
             return json_reply(
@@ -170,6 +183,8 @@ class RedirectHandler:
             wait = guard.blocked(ip)
             if wait > 0:
                 seconds = max(1, int(wait + 0.999))
+                if note is not None:
+                    note.guarded("miss_limit", f"ip={ip}", wait)
                 body = {"error": "rate_limited", "rule": "miss_limit", "retry_after": seconds}
                 return json_reply(429, body, {"Retry-After": str(seconds)})
         extra: dict[str, str] | None = None
@@ -177,6 +192,8 @@ class RedirectHandler:
             verdict = await self.runtime.limiter.check(
                 snap.config, snap.plans, cfg.limits, request, request.remote, ROUTE, HEADERS
             )
+            if note is not None:
+                note.decided(verdict.decisions)
             if verdict.status is not None:
                 return json_reply(verdict.status, verdict.body or {}, verdict.headers)
             extra = verdict.headers

@@ -4,18 +4,26 @@ A low-level ``aiohttp.web.Server`` with one handler: Sluice adds no paths of
 its own to the main listener except the redirect prefix the operator
 configured (checked first, see ``proxy.redirects``), so the URL dispatcher
 would only cost time.
+
+With ``logging.access`` on, a request chosen for an access line carries an
+``AccessNote`` down its path (rule decisions, upstream status and time); the
+others carry ``None`` and pay nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from aiohttp import web
 
-from proxy.config import DecideConfig, Route
+from proxy import logs
+from proxy.config import DecideConfig, LoggingConfig, Route
 from proxy.decide import BadDescription, Described, describe
 from proxy.limits.engine import Verdict
 from proxy.limits.identity import RequestView
+from proxy.logs import AccessNote
 from proxy.metrics import Children, method_label, status_class
 from proxy.redirects import ROUTE as REDIRECT_ROUTE
 from proxy.redirects import RedirectHandler, redirect_code
@@ -31,9 +39,19 @@ class MainHandler:
         self.requests = Children(runtime.metrics.requests)
         self.in_flight = runtime.metrics.in_flight
         self.redirects = RedirectHandler(runtime)
+        self.logging: LoggingConfig | None = None
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         snap = self.runtime.snapshot
+        settings = snap.config.logging
+        if settings is not self.logging:  # the first request after a (re)load
+            self.logging = settings
+            logs.apply(settings)
+        note = (
+            AccessNote(time.perf_counter())
+            if settings.access and logs.sampled(settings.access)
+            else None
+        )
         route_name = "none"
         status = 500
         self.in_flight.inc()
@@ -47,24 +65,36 @@ class MainHandler:
             if code is not None:
                 assert redirects is not None
                 route_name = REDIRECT_ROUTE
-                response = await self.redirects(request, snap, redirects, code)
+                response = await self.redirects(request, snap, redirects, code, note)
             elif snap.config.mode == "decide":
-                route_name, response = await self._decide_listener(request, snap)
+                route_name, response = await self._decide_listener(request, snap, note)
             else:
                 route = snap.router.route_for(
                     request.method, request.path, request.host, request.headers
                 )
                 if route is not None:
                     route_name = route.name
-                response = await self._serve(request, snap, route)
+                response = await self._serve(request, snap, route, note)
             status = response.status
             return response
+        except asyncio.CancelledError:  # the client went away
+            if note is not None:
+                note.cancelled = True
+            raise
         finally:
             self.in_flight.dec()
             self.requests(route_name, method_label(request.method), status_class(status)).inc()
+            if note is not None:
+                logs.access(
+                    request.method, request.path, route_name, status, note, settings.show_keys
+                )
 
     async def _serve(
-        self, request: web.BaseRequest, snap: Snapshot, route: Route | None
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        route: Route | None,
+        note: AccessNote | None,
     ) -> web.StreamResponse:
         if route is None:
             return json_error(404, "no_route", f"no route matches {request.method} {request.path}")
@@ -74,29 +104,44 @@ class MainHandler:
                 described = describe(request, route.decide.source, strip)
             except BadDescription as exc:
                 return json_error(400, "bad_decision_request", str(exc))
-            return await self._decision(request, snap, route, described, route.decide)
+            return await self._decision(request, snap, route, described, route.decide, note)
         if route.upstream is None:
             return json_error(404, "no_upstream", f"route {route.name} forwards nowhere")
         extra: dict[str, str] | None = None
         if route.limits:
-            verdict = await self._limit(request, snap, route, request)
+            verdict = await self._limit(request, snap, route, request, note)
             if verdict.status is not None:
                 return json_reply(verdict.status, verdict.body or {}, verdict.headers)
             extra = verdict.headers
         client = snap.upstreams[route.upstream]
-        return await client.forward(
-            request, snap.trusted(request.remote), snap.config.server.max_body_size, extra
-        )
+        trusted = snap.trusted(request.remote)
+        max_body = snap.config.server.max_body_size
+        if note is None:
+            return await client.forward(request, trusted, max_body, extra)
+        started = time.perf_counter()
+        response = await client.forward(request, trusted, max_body, extra)
+        # Sluice's own answers (413, 502, 504) are whole web.Responses; relayed ones stream.
+        relayed = None if isinstance(response, web.Response) else response.status
+        note.forwarded(route.upstream, relayed, time.perf_counter() - started)
+        return response
 
     async def _limit(
-        self, request: web.BaseRequest, snap: Snapshot, route: Route, view: RequestView
+        self,
+        request: web.BaseRequest,
+        snap: Snapshot,
+        route: Route,
+        view: RequestView,
+        note: AccessNote | None,
     ) -> Verdict:
-        return await self.runtime.limiter.check(
+        verdict = await self.runtime.limiter.check(
             snap.config, snap.plans, route.limits, view, request.remote, route.name, route.headers
         )
+        if note is not None:
+            note.decided(verdict.decisions)
+        return verdict
 
     async def _decide_listener(
-        self, request: web.BaseRequest, snap: Snapshot
+        self, request: web.BaseRequest, snap: Snapshot, note: AccessNote | None
     ) -> tuple[str, web.StreamResponse]:
         """``mode: decide``: the described request is routed like proxied traffic would be."""
         decide = snap.config.decide
@@ -108,7 +153,7 @@ class MainHandler:
         route = snap.router.route_for(described.method, described.path, host, described.headers)
         if route is None:  # nothing limits this request
             return "none", web.Response(status=200, text="allowed\n")
-        return route.name, await self._decision(request, snap, route, described, decide)
+        return route.name, await self._decision(request, snap, route, described, decide, note)
 
     async def _decision(
         self,
@@ -117,8 +162,9 @@ class MainHandler:
         route: Route,
         described: Described,
         decide: DecideConfig,
+        note: AccessNote | None,
     ) -> web.StreamResponse:
-        verdict = await self._limit(request, snap, route, described)
+        verdict = await self._limit(request, snap, route, described, note)
         if verdict.status is None:
             return web.Response(status=200, text="allowed\n", headers=verdict.headers)
         status = decide.deny_status if verdict.status == 429 else verdict.status
@@ -127,6 +173,7 @@ class MainHandler:
 
 def make_server(runtime: Runtime) -> web.Server:
     cfg = runtime.snapshot.config.server
+    logs.count_drops(runtime.metrics.log_dropped)
     return web.Server(
         MainHandler(runtime),
         handler_cancellation=True,  # a client that goes away cancels its upstream request
