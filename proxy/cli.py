@@ -77,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from proxy.summary import summarize
 
+    if args.diff:
+        return check_diff(args.files)
     status = 0
     for path in args.files:
         config = load_or_report(path)
@@ -85,6 +87,21 @@ def cmd_check(args: argparse.Namespace) -> int:
             continue
         print(summarize(config))
     return status
+
+
+def check_diff(files: Sequence[str]) -> int:
+    """``sluice check --diff OLD NEW``: what a reload from OLD to NEW would change."""
+    from proxy.diff import diff
+
+    old, new = (load_or_report(path) for path in files)
+    if old is None or new is None:
+        return 1
+    changes = diff(old, new)
+    count = f"{len(changes)} change{'s' if len(changes) != 1 else ''}"
+    print(f"{files[0]} → {files[1]}: {count if changes else 'no changes'}")
+    for line in changes:
+        print(f"  {line}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,13 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     check = sub.add_parser("check", help="validate rules files and print a summary")
     check.add_argument("files", nargs="+")
+    check.add_argument(
+        "--diff",
+        action="store_true",
+        help="with OLD NEW: print what reloading from OLD to NEW would change",
+    )
     check.set_defaults(func=cmd_check)
     add_links_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "diff", False) and len(args.files) != 2:
+        parser.error("check --diff takes exactly two files: OLD NEW")
     try:
         result: int = args.func(args)
     except BrokenPipeError:  # `sluice check rules.yaml | head`

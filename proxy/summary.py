@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from proxy.config import Config
+from proxy.config import Config, Route
 from proxy.limitspec import LimitRule
 from proxy.match import Match
 
 
-def _seconds(value: float) -> str:
+def duration_text(value: float) -> str:
+    """Seconds as the config writes them: ``50ms``, ``30s``, ``1m``, ``1d``."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if value >= size and value % size == 0:
             return f"{int(value // size)}{unit}"
@@ -30,20 +31,31 @@ def describe_match(match: Match) -> str:
     return " ".join(parts) or "everything"
 
 
-def describe_limit(rule: LimitRule) -> str:
+def describe_quotas(rule: LimitRule) -> str:
     if rule.algorithm == "token_bucket":
         q = rule.quotas[0] if rule.quotas else None
-        amount = f"capacity {q.limit}, refill {q.limit / q.window:g}/s" if q else "?"
-    else:
-        amount = ", ".join(f"{q.limit}/{_seconds(q.window)}" for q in rule.quotas)
-        if rule.burst:
-            amount += f" burst {rule.burst}"
-    cost = f" cost {(rule.cost_header and 'header:' + rule.cost_header) or rule.cost}"
+        return f"capacity {q.limit}, refill {q.limit / q.window:g}/s" if q else "?"
+    amount = ", ".join(f"{q.limit}/{duration_text(q.window)}" for q in rule.quotas)
+    return amount + (f" burst {rule.burst}" if rule.burst else "")
+
+
+def describe_cost(rule: LimitRule) -> str:
+    return f"header:{rule.cost_header}" if rule.cost_header else str(rule.cost)
+
+
+def describe_limit(rule: LimitRule) -> str:
+    cost = f" cost {describe_cost(rule)}"
     flags = " shadow" if rule.shadow else ""
     return (
-        f"{rule.name}: {rule.algorithm} {amount} by [{rule.key}]"
+        f"{rule.name}: {rule.algorithm} {describe_quotas(rule)} by [{rule.key}]"
         f"{cost if cost != ' cost 1' else ''}{flags}, storage down → {rule.on_storage_error}"
     )
+
+
+def describe_route(route: Route) -> str:
+    target = f"→ {route.upstream}" if route.kind == "proxy" else "→ decide"
+    rules = ", ".join(route.limits) or "no limits"
+    return f"{route.name}: {describe_match(route.match)} {target} [{rules}]"
 
 
 def summarize(config: Config) -> str:
@@ -57,10 +69,7 @@ def summarize(config: Config) -> str:
     lines.append(f"  limits ({len(config.limits)}):")
     lines += [f"    {describe_limit(rule)}" for rule in config.limits.values()]
     lines.append(f"  routes ({len(config.routes)}, first match wins):")
-    for route in config.routes:
-        target = f"→ {route.upstream}" if route.kind == "proxy" else "→ decide"
-        rules = ", ".join(route.limits) or "no limits"
-        lines.append(f"    {route.name}: {describe_match(route.match)} {target} [{rules}]")
+    lines += [f"    {describe_route(route)}" for route in config.routes]
     if config.redirects:
         r = config.redirects
         where = f"host {r.host}" if r.host else f"prefix {r.prefix}"
