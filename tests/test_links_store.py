@@ -20,7 +20,7 @@ from proxy.links.errors import CodeTaken, LinkError
 from proxy.links.model import Link, Variant
 from proxy.links.redis_store import RedisLinkStore
 from proxy.links.sqlite_store import SQLiteLinkStore
-from proxy.links.store import LinkStore, SecretMismatch, TopEntry
+from proxy.links.store import ClickRecord, LinkStore, SecretMismatch, TopEntry
 from tests.servers import RedisServer
 from tests.topologies import RedisClusterSetup
 
@@ -211,6 +211,27 @@ async def test_stats_by_day_range(store: LinkStore) -> None:
     # Clicks on an unknown link are not recorded anywhere.
     await store.record_click("no-such-code", at=day3, referrer_host="x", ua_family="bot")
     assert await store.top("hour", now=day3 + 60) == (TopEntry(link.code, 1),)
+
+
+async def test_record_clicks_in_one_batch(store: LinkStore) -> None:
+    """The analytics task's batches: same totals as one call per click."""
+    link, _ = await store.create(new())
+    other, _ = await store.create(new(url="https://example.com/other"))
+    batch = [
+        ClickRecord(link.code, T0 + i, "news.example", "browser", None, f"v{i % 7}", i % 2 == 0)
+        for i in range(300)
+    ]
+    batch.append(ClickRecord(other.code, T0, "(direct)", "bot", None, None, True))
+    batch.append(ClickRecord("nosuchcode", T0, "(direct)", "bot", None, None, True))
+    await store.record_clicks(batch)
+    stats = await store.stats(link.code, day_of(T0), day_of(T0))
+    assert stats is not None
+    assert stats.total == 300
+    assert stats.clicks == 150  # only the clicks flagged to count
+    assert stats.unique_visitors == 7
+    assert stats.referrers == (("news.example", 300),)
+    assert await store.click_count(other.code) == 1
+    await store.record_clicks([])
 
 
 async def test_top_leaderboard(store: LinkStore) -> None:

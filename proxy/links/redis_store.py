@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -41,6 +41,7 @@ from proxy.links.store import (
     GENERATED_ATTEMPTS,
     HOURLY_KEEP,
     TOP_LIMIT,
+    ClickRecord,
     ImportResult,
     LinkStats,
     Page,
@@ -305,6 +306,26 @@ class RedisLinkStore:
         args = [day, repr(at), DAY_TTL, digest, *click_fields(ua_family, variant, referrer_host)]
         if await self._eval(RECORD_CLICK, keys, args):
             await self._eval(TOP_ADD, [self.keys.top(hour_of(at))], [code, HOURLY_KEEP])
+
+    async def record_clicks(self, clicks: Sequence[ClickRecord]) -> None:
+        """Concurrent calls: the client pipelines them on its connections."""
+        calls: list[Awaitable[Any]] = []
+        for c in clicks:
+            if c.count:
+                calls.append(self.take_click(c.code, None))
+            calls.append(
+                self.record_click(
+                    c.code,
+                    at=c.at,
+                    referrer_host=c.referrer_host,
+                    ua_family=c.ua_family,
+                    variant=c.variant,
+                    visitor=c.visitor,
+                )
+            )
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     async def stats(self, code: str, since_day: str, until_day: str) -> LinkStats | None:
         days = stats_days(since_day, until_day)

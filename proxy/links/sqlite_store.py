@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +41,7 @@ from proxy.links.store import (
     GENERATED_ATTEMPTS,
     HOURLY_KEEP,
     TOP_LIMIT,
+    ClickRecord,
     ImportResult,
     LinkStats,
     Page,
@@ -274,39 +275,53 @@ class SQLiteLinkStore:
         return await self._call(self._click_count, code)
 
     def _record(self, code: str, at: float, fields: Strings, visitor: str | None) -> None:
-        day, hour = day_of(at), hour_of(at)
+        self._write(lambda db: self._record_in(db, code, at, fields, visitor))
 
+    def _record_many(self, clicks: Sequence[ClickRecord]) -> None:
         def run(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM links WHERE code = ?", (code,)).fetchone() is None:
-                return
-            db.executemany(
-                "INSERT INTO daily VALUES (?, ?, ?, 1)"
-                " ON CONFLICT (code, day, field) DO UPDATE SET n = n + 1",
-                [(code, day, f) for f in ["n", *fields]],
-            )
-            if visitor is not None:
-                db.execute(
-                    "INSERT OR IGNORE INTO visitors VALUES (?, ?, ?)",
-                    (code, day, visitor_digest(visitor)),
-                )
-            db.execute(
-                "INSERT INTO hourly VALUES (?, ?, 1)"
-                " ON CONFLICT (hour, code) DO UPDATE SET n = n + 1",
-                (hour, code),
-            )
-            db.execute(
-                "UPDATE links SET last_click_at = MAX(COALESCE(last_click_at, 0), ?)"
-                " WHERE code = ?",
-                (at, code),
-            )
-            if hour != self._pruned_hour:  # once an hour: forget what the stats no longer show
-                self._pruned_hour = hour
-                db.execute("DELETE FROM hourly WHERE hour < ?", (hour - HOURLY_KEEP // 3600,))
-                oldest = day_of(at - 86400 * MAX_STATS_DAYS)
-                db.execute("DELETE FROM daily WHERE day < ?", (oldest,))
-                db.execute("DELETE FROM visitors WHERE day < ?", (oldest,))
+            for c in clicks:
+                if c.count:
+                    db.execute("UPDATE links SET clicks = clicks + 1 WHERE code = ?", (c.code,))
+                fields = click_fields(c.ua_family, c.variant, c.referrer_host)
+                self._record_in(db, c.code, c.at, fields, c.visitor)
 
         self._write(run)
+
+    async def record_clicks(self, clicks: Sequence[ClickRecord]) -> None:
+        if clicks:
+            await self._call(self._record_many, list(clicks))
+
+    def _record_in(
+        self, db: sqlite3.Connection, code: str, at: float, fields: Strings, visitor: str | None
+    ) -> None:
+        """One click's analytics, inside the caller's transaction."""
+        day, hour = day_of(at), hour_of(at)
+        if db.execute("SELECT 1 FROM links WHERE code = ?", (code,)).fetchone() is None:
+            return
+        db.executemany(
+            "INSERT INTO daily VALUES (?, ?, ?, 1)"
+            " ON CONFLICT (code, day, field) DO UPDATE SET n = n + 1",
+            [(code, day, f) for f in ["n", *fields]],
+        )
+        if visitor is not None:
+            db.execute(
+                "INSERT OR IGNORE INTO visitors VALUES (?, ?, ?)",
+                (code, day, visitor_digest(visitor)),
+            )
+        db.execute(
+            "INSERT INTO hourly VALUES (?, ?, 1) ON CONFLICT (hour, code) DO UPDATE SET n = n + 1",
+            (hour, code),
+        )
+        db.execute(
+            "UPDATE links SET last_click_at = MAX(COALESCE(last_click_at, 0), ?) WHERE code = ?",
+            (at, code),
+        )
+        if hour != self._pruned_hour:  # once an hour: forget what the stats no longer show
+            self._pruned_hour = hour
+            db.execute("DELETE FROM hourly WHERE hour < ?", (hour - HOURLY_KEEP // 3600,))
+            oldest = day_of(at - 86400 * MAX_STATS_DAYS)
+            db.execute("DELETE FROM daily WHERE day < ?", (oldest,))
+            db.execute("DELETE FROM visitors WHERE day < ?", (oldest,))
 
     async def record_click(
         self,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -78,6 +78,19 @@ class ImportResult:
     skipped: tuple[str, ...]  # codes that already existed (left untouched)
 
 
+@dataclass(frozen=True, slots=True)
+class ClickRecord:
+    """One click for the analytics, as the redirect handler saw it."""
+
+    code: str
+    at: float  # Unix time
+    referrer_host: str
+    ua_family: str
+    variant: int | None
+    visitor: str | None  # keyed hash of the client identity, never the address itself
+    count: bool = False  # also add it to the lifetime counter (uncapped links only)
+
+
 class LinkStore(Protocol):
     """Where links, their click counters and their analytics live.
 
@@ -125,6 +138,12 @@ class LinkStore(Protocol):
         visitor: str | None = None,
     ) -> None:
         """Add one click at Unix time ``at`` to the analytics (not to the counter)."""
+        ...
+
+    async def record_clicks(self, clicks: Sequence[ClickRecord]) -> None:
+        """Record many clicks at once (the analytics task's batches): each one's
+        analytics, and its lifetime counter where ``count`` says so. One transaction
+        on SQLite; concurrent, pipelined calls on Redis."""
         ...
 
     async def stats(self, code: str, since_day: str, until_day: str) -> LinkStats | None: ...
