@@ -32,6 +32,7 @@ async def readyz(request: web.Request) -> web.Response:
         "status": "ready",
         "config": {"path": source.path, "sha256": source.sha256, "loaded_at": source.loaded_at},
         "last_reload_error": runtime.reload_error,
+        "last_reload_error_at": runtime.reload_error_at if runtime.reload_error else None,
         "storage": {
             "url": config.storage.safe_url,
             "state": "degraded" if limiter.degraded else "ok",

@@ -266,14 +266,13 @@ def _build(top: Section, source: ConfigSource) -> Config:
     }
     clients = _clients(top.section("clients"))
     limits: dict[str, LimitRule] = {}
-    for i, sec in enumerate(top.list_of_sections("limits")):
+    for sec in top.list_of_sections("limits"):
         rule = read_limit(sec)
         if rule is None:
             continue
         if rule.name in limits:
             sec.error("name", f"duplicate limit name {rule.name!r}")
         limits[rule.name] = rule
-        del i
     server = _server(top.section("server"))
     logging_ = _logging(top.section("logging"))
     routes = tuple(

@@ -52,7 +52,7 @@ from proxy.links.store import (
     click_fields,
     counter_floor,
     dedupe_key,
-    iterate,
+    import_batches,
     parse_cursor,
     reusable,
     secret_fingerprint,
@@ -375,11 +375,8 @@ class RedisLinkStore:
 
     async def import_links(self, links: Iterable[Link] | AsyncIterable[Link]) -> ImportResult:
         imported, skipped = 0, Strings()
-        batch: list[Link] = []
-
-        async def flush() -> None:
-            nonlocal imported
-            counter = self.keys.counter
+        counter = self.keys.counter
+        async for batch in import_batches(links, _BATCH):
             last = await self._cmd("INCRBY", counter, len(batch), key=counter)
             first = last - len(batch) + 1
             results = await asyncio.gather(
@@ -391,14 +388,4 @@ class RedisLinkStore:
                     skipped.append(link.code)
             floor = counter_floor(self.codec, (link.code for link in batch))
             await self._eval(SET_FLOOR, [counter], [floor])
-            batch.clear()
-
-        async for link in iterate(links):
-            if not link.code:
-                raise ValueError("an imported link must have a code")
-            batch.append(link)
-            if len(batch) >= _BATCH:
-                await flush()
-        if batch:
-            await flush()
         return ImportResult(imported, tuple(skipped))

@@ -51,7 +51,7 @@ from proxy.links.store import (
     click_fields,
     counter_floor,
     dedupe_key,
-    iterate,
+    import_batches,
     parse_cursor,
     reusable,
     stats_days,
@@ -409,21 +409,8 @@ class SQLiteLinkStore:
 
     async def import_links(self, links: Iterable[Link] | AsyncIterable[Link]) -> ImportResult:
         imported, skipped = 0, Strings()
-        batch: Links = []
-
-        async def flush() -> None:
-            nonlocal imported
+        async for batch in import_batches(links, _EXPORT_BATCH):
             missed = await self._call(self._import_batch, batch)
             imported += len(batch) - len(missed)
             skipped.extend(missed)
-            batch.clear()
-
-        async for link in iterate(links):
-            if not link.code:
-                raise ValueError("an imported link must have a code")
-            batch.append(link)
-            if len(batch) >= _EXPORT_BATCH:
-                await flush()
-        if batch:
-            await flush()
         return ImportResult(imported, tuple(skipped))

@@ -280,6 +280,23 @@ def click_fields(ua_family: str, variant: int | None, referrer_host: str) -> lis
     return names
 
 
+async def import_batches(
+    links: Iterable[Link] | AsyncIterable[Link], size: int
+) -> AsyncIterator[list[Link]]:
+    """The links of an import in batches of at most ``size``; a link without a code
+    is refused (``ValueError``) before its batch is handed out."""
+    batch: list[Link] = []
+    async for link in iterate(links):
+        if not link.code:
+            raise ValueError("an imported link must have a code")
+        batch.append(link)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 async def iterate(links: Iterable[Link] | AsyncIterable[Link]) -> AsyncIterator[Link]:
     """Iterate a sync or async iterable of links asynchronously (for ``import_links``)."""
     if isinstance(links, AsyncIterable):
