@@ -81,6 +81,9 @@ class MainHandler:
             if note is not None:
                 note.cancelled = True
             raise
+        except Exception:  # a bug: say so in JSON, log it once, keep serving
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            return json_error(500, "internal_error", "Sluice failed on this request; see its log")
         finally:
             self.in_flight.dec()
             self.requests(route_name, method_label(request.method), status_class(status)).inc()

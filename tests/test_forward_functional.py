@@ -300,3 +300,26 @@ async def test_upstream_failing_mid_body_cuts_the_client_connection(
         assert 'sluice_upstream_errors_total{kind="body",upstream="app"} 1.0' in await r.text()
     async with client.get(sluice.url + "/echo") as r:  # and the next request is fine
         assert r.status == 200
+
+
+async def test_an_unexpected_error_is_a_json_500_and_serving_goes_on(
+    sluice: Sluice, client: aiohttp.ClientSession
+) -> None:
+    real = sluice.runtime.snapshot.router.route_for
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("injected fault")
+
+    sluice.runtime.snapshot.router.route_for = broken  # type: ignore[method-assign]
+    try:
+        async with client.get(sluice.url + "/echo") as r:
+            assert r.status == 500
+            assert (await r.json())["error"] == "internal_error"
+    finally:
+        sluice.runtime.snapshot.router.route_for = real  # type: ignore[method-assign]
+    async with client.get(sluice.url + "/echo") as r:
+        assert r.status == 200
+    async with client.get(sluice.admin_url + "/metrics") as r:
+        assert 'sluice_requests_total{method="GET",route="none",status_class="5xx"} 1.0' in (
+            await r.text()
+        )
