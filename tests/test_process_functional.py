@@ -273,9 +273,11 @@ def test_reload_cannot_move_listeners(start_sluice: StartSluice, upstream: Upstr
 
 
 async def connect_refused(port: int) -> bool:
+    """True once the listener is gone. A connection caught in the backlog of a listener
+    that is just closing is reset rather than refused: the same answer."""
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     writer.close()
     await writer.wait_closed()
