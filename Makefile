@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 deps: $(STAMP)
-	@bash scripts/ensure-binaries.sh redis-server redis-sentinel redis-cli nginx promtool openssl
+	@bash scripts/ensure-binaries.sh redis-server redis-sentinel redis-cli nginx promtool openssl chromium
 
 run: $(STAMP)
 	$(BIN)/python -m proxy.demo --rules rules.yaml
