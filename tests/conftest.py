@@ -7,7 +7,7 @@ import pytest
 
 from tests.servers import RedisServer, redis_server
 
-pytest_plugins = ["tests.topologies"]
+pytest_plugins = ["tests.topologies", "tests.browser"]
 
 
 @pytest.fixture(scope="session")
