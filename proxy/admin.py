@@ -1,4 +1,5 @@
-"""The admin listener: health, readiness, metrics, the links API and its OpenAPI document."""
+"""The admin listener: health, readiness, metrics, the status page, the links and
+webhooks APIs and their OpenAPI document."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy import __version__, api_links, api_webhooks
+from proxy import __version__, api_links, api_status, api_webhooks
 from proxy.adminauth import RUNTIME, find_token, require
 from proxy.errors import StorageError
 from proxy.openapi import OPENAPI_PATH, document
@@ -81,4 +82,5 @@ def make_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_route("GET", OPENAPI_PATH, openapi)
     api_links.add_routes(app)
     api_webhooks.add_routes(app)
+    api_status.add_routes(app)
     return app

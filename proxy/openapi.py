@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from proxy import __version__, api_webhooks
+from proxy import __version__, api_status, api_webhooks
 from proxy.api_links import OPERATIONS, Operation
 from proxy.links.model import REDIRECT_STATUSES
 
@@ -161,6 +161,7 @@ def document(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Any]:
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
     paths.update(api_webhooks.openapi_paths())
+    paths.update(api_status.openapi_paths())
     paths[OPENAPI_PATH] = {
         "get": {
             "operationId": "openapi",

@@ -40,6 +40,7 @@ from proxy.limits.store import LimitStore
 from proxy.linkservice import LinkService
 from proxy.metrics import Metrics
 from proxy.routing import Router
+from proxy.status.service import StatusService
 from proxy.storage.factory import open_limit_store
 
 log = logging.getLogger("sluice.runtime")
@@ -88,6 +89,7 @@ class Runtime:
         self._started = False
         self.notifier: Notifier | None = None
         self._detach_events: Callable[[], None] | None = None
+        self.status: StatusService | None = None
 
     async def start(self) -> None:
         """Open what needs the running loop (link store, events outbox); idempotent."""
@@ -99,6 +101,8 @@ class Runtime:
             await self._start_notifier(config)
         if self.links is not None:
             await self.links.start()
+        self.status = StatusService(self)
+        self.status.start()
 
     async def _start_notifier(self, config: Config) -> None:
         storage = config.storage
@@ -195,6 +199,8 @@ class Runtime:
             await client.close()
         if self.links is not None:
             await self.links.close()
+        if self.status is not None:
+            await self.status.close()
         if self._detach_events is not None:
             self._detach_events()
         if self.notifier is not None:
