@@ -107,11 +107,13 @@ function chart(title, series, times, id) {
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("preserveAspectRatio", "none");
-  const n = times.length;
   for (const [name, values] of Object.entries(series)) {
     if (!values.length) continue;
-    const points = values.map((v, i) => {
-      const x = n > 1 ? (i / (n - 1)) * width : width;
+    // One point so far: a flat line across, so a fresh page still shows the level.
+    const drawn = values.length === 1 ? [values[0], values[0]] : values;
+    const last = drawn.length - 1;
+    const points = drawn.map((v, i) => {
+      const x = (i / last) * width;
       const y = height - pad - (v / top) * (height - 2 * pad);
       return `${x.toFixed(1)},${y.toFixed(1)}`;
     });
