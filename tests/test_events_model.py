@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import random
 from datetime import UTC, datetime
 
@@ -10,7 +11,15 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from proxy.events.aggregate import RejectionAggregator
-from proxy.events.model import Event, batch_id, new_event_id
+from proxy.events.model import (
+    Event,
+    UlidSource,
+    _base32,
+    batch_id,
+    iso,
+    new_event_id,
+    parse_iso,
+)
 from proxy.events.policy import (
     TokenBucket,
     Verdict,
@@ -207,3 +216,79 @@ def test_bodies_single_batch_and_slack() -> None:
     assert delivery_id([a], True) == batch_id([a.id])
     slack = delivery_body([a, b], True, "slack", {"link.deleted": "gone: {code}"})
     assert slack == b'{"text": "gone: a\\ngone: b"}'
+
+
+def _iso_reference(ts: float) -> str:
+    moment = datetime.fromtimestamp(ts, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def test_cached_time_formats_match_datetime() -> None:
+    rng = random.Random(7)
+    stamps = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    stamps += [NOW + k / 1000 for k in range(2000)]  # every millisecond of two seconds
+    stamps += [NOW + 0.9999995, NOW + 0.9994999, NOW + 0.0005, 0.0, 1e-7, NOW - 1.5e-7]
+    for ts in stamps:
+        text = iso(ts)
+        assert text == _iso_reference(ts), ts
+        reference = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        assert parse_iso(text) == reference
+    offset = datetime(2024, 5, 1, 10, tzinfo=UTC).timestamp()
+    assert parse_iso("2024-05-01T12:00:00+02:00") == offset
+
+
+def test_base32_matches_the_bit_by_bit_encoding() -> None:
+    def reference(value: int, length: int) -> str:
+        out = []
+        for _ in range(length):
+            out.append("0123456789ABCDEFGHJKMNPQRSTVWXYZ"[value & 31])
+            value >>= 5
+        return "".join(reversed(out))
+
+    rng = random.Random(3)
+    for _ in range(2000):
+        value = rng.getrandbits(rng.choice((7, 50, 128, 140)))
+        for length in (1, 2, 3, 16, 22, 25, 26):
+            assert _base32(value, length) == reference(value, length)
+    source = UlidSource()
+    source._last_ms, source._last_rand = -1, 0
+    first = source.new(NOW)  # fresh random bits
+    ms, rand = source._last_ms, source._last_rand
+    assert first == reference((ms << 80) | rand, 26)
+    for step in range(1, 3000):  # the counter crosses the cached high bits
+        assert source.new(NOW) == reference((ms << 80) | (rand + step), 26)
+
+
+def test_event_json_is_what_json_dumps_writes() -> None:
+    cases: list[dict[str, object]] = [
+        {"code": "abc", "destination": "https://é.example/\u2028", "variant": None},
+        {"nested": {"list": [1, 2.5, True, None], "quote": '"\\\n'}, "n": 10**20},
+        {"odd": object(), "when": datetime(2024, 1, 1, tzinfo=UTC)},  # default=str
+    ]
+    for data in cases:
+        event = Event.create("link.created", data, NOW + 0.123)
+        body = {"id": event.id, "type": event.type, "timestamp": iso(event.timestamp), "data": data}
+        expected = json.dumps(body, separators=(",", ":"), ensure_ascii=False, default=str)
+        assert event.raw == expected.encode()
+    # Ids and types that would need escaping take the general path.
+    odd = Event('evt_"q"', "link.created", NOW, {"code": "x"})
+    assert json.loads(odd.raw)["id"] == 'evt_"q"'
+    looped: dict[str, object] = {}
+    looped["self"] = looped
+    with pytest.raises(ValueError, match="Circular"):
+        Event.create("link.created", looped, NOW)
+
+
+def test_stored_events_parse_their_data_on_demand() -> None:
+    event = Event.create("redirect.followed", {"code": "hot", "variant": 2}, NOW + 0.5)
+    stored = Event.from_json(event.raw)
+    assert (stored.id, stored.type, stored.timestamp) == (event.id, event.type, NOW + 0.5)
+    assert stored.data == {"code": "hot", "variant": 2} and stored == event
+    assert stored.fields()["code"] == "hot"
+    # JSON in another shape (spaces, other key order) is parsed the ordinary way.
+    other = json.dumps({"type": "link.deleted", "id": "evt_1", "timestamp": iso(NOW), "data": {}})
+    parsed = Event.from_json(other)
+    assert (parsed.id, parsed.type, parsed.data) == ("evt_1", "link.deleted", {})
+    broken = Event.from_json(event.raw[:-2] + b"!}}")  # the head is fine, the data is not
+    with pytest.raises(ValueError, match="not an event"):
+        dict(broken.data)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 EVENT_TYPES = (
@@ -41,14 +44,16 @@ TYPE_FIELDS: Mapping[str, tuple[str, ...]] = {
 }
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)  # 10 bits → 2 characters
 
 
 def _base32(value: int, length: int) -> str:
-    out = []
-    for _ in range(length):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    """The low ``5 * length`` bits of ``value``, most significant first (Crockford)."""
+    pairs = _PAIRS
+    top = 5 * (length - length % 2) - 10  # the shift of the first pair
+    out = [_CROCKFORD[(value >> top + 10) & 31]] if length % 2 else []
+    out += [pairs[(value >> shift) & 1023] for shift in range(top, -1, -10)]
+    return "".join(out)
 
 
 class UlidSource:
@@ -59,25 +64,33 @@ class UlidSource:
     """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._last_ms = -1
         self._last_rand = 0
+        self._head: tuple[int, str] = (-1, "")  # (ms and high random bits, their 22 chars)
 
     def new(self, now: float) -> str:
         ms = max(0, int(now * 1000)) & ((1 << 48) - 1)
         with self._lock:
-            if self._pid != os.getpid():
-                self._pid, self._last_ms = os.getpid(), -1
             if ms <= self._last_ms and self._last_rand < (1 << 80) - 1:
                 ms, rand = self._last_ms, self._last_rand + 1
             else:
                 rand = int.from_bytes(os.urandom(10), "big")
             self._last_ms, self._last_rand = ms, rand
-        return _base32((ms << 80) | rand, 26)
+        # Consecutive ids differ in the low bits: only those are encoded each time.
+        high = (ms << 60) | (rand >> 20)
+        cached, head = self._head
+        if cached != high:
+            head = _base32(high, 22)
+            self._head = (high, head)
+        return head + _PAIRS[(rand >> 10) & 1023] + _PAIRS[rand & 1023]
 
 
 ULIDS = UlidSource()
+os.register_at_fork(after_in_child=ULIDS.reset)
 
 
 def new_event_id(now: float) -> str:
@@ -91,18 +104,120 @@ def batch_id(event_ids: Sequence[str]) -> str:
     return "batch_" + _base32(int.from_bytes(digest[:16], "big"), 26)
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def iso(ts: float) -> str:
-    """``2024-05-01T12:00:00.123Z``: UTC, milliseconds."""
-    moment = datetime.fromtimestamp(ts, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """``2024-05-01T12:00:00.123Z``: UTC, milliseconds (truncated, after rounding
+    to the microsecond as ``datetime.fromtimestamp`` does)."""
+    global _iso_second
+    if ts < 0:
+        moment = datetime.fromtimestamp(ts, UTC)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    frac, whole = math.modf(ts)
+    micros = round(frac * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        second += 1
+    cached_second, prefix = _iso_second
+    if second != cached_second:
+        prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _iso_second = (second, prefix)
+    return f"{prefix}{micros // 1000:03d}Z"
+
+
+_ISO_MS = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z")
+_parsed_second: tuple[str, int] = ("", 0)
 
 
 def parse_iso(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    global _parsed_second
+    found = _ISO_MS.fullmatch(text)
+    if found is None:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    head, millis = found.groups()
+    cached_head, second = _parsed_second
+    if head != cached_head:
+        second = int(datetime.fromisoformat(head + "+00:00").timestamp())
+        _parsed_second = (head, second)
+    return (second * 1_000_000 + int(millis) * 1000) / 1_000_000  # as datetime.timestamp()
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f-\U0010ffff]*')  # needs no escaping in JSON
+# What ``_serialise`` writes; stored events that match are not parsed until asked.
+_HEAD = re.compile(
+    rb'\{"id":"([!#-\[\]-~]*)","type":"([!#-\[\]-~]*)","timestamp":"([!#-\[\]-~]*)","data":\{'
+)
+
+
+# The C encoder ``_ENCODER.encode`` builds per call, built once (no circular-reference
+# check: a self-referencing value ends in RecursionError, then goes the slow way).
+_C_ENCODER = (
+    c_make_encoder(None, str, encode_basestring, None, ":", ",", False, False, True)
+    if c_make_encoder is not None
+    else None
+)
+
+
+def _encode(value: dict[str, Any]) -> str:
+    if _C_ENCODER is not None:
+        try:
+            return "".join(_C_ENCODER(value, 0))
+        except RecursionError:
+            pass
+    return _ENCODER.encode(value)
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return _ENCODER.encode(value).encode()
+
+
+def _serialise(id: str, type: str, timestamp: float, data: Mapping[str, Any]) -> bytes:
+    """The event's JSON, as ``json.dumps`` writes it (compact, UTF-8), without
+    building the envelope object."""
+    stamp = iso(timestamp)
+    if not isinstance(data, dict):
+        data = dict(data)
+    if _PLAIN.fullmatch(id) and _PLAIN.fullmatch(type):
+        body = _encode(data)
+        return f'{{"id":"{id}","type":"{type}","timestamp":"{stamp}","data":{body}}}'.encode()
+    return _dumps({"id": id, "type": type, "timestamp": stamp, "data": data})
+
+
+class _StoredData(Mapping[str, Any]):
+    """An event's ``data`` parsed from its stored JSON on first use: delivery
+    needs only the bytes, so most stored events are never parsed."""
+
+    __slots__ = ("_data", "_raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._data: dict[str, Any] | None = None
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            try:
+                data = json.loads(self._raw)["data"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"not an event: {exc}") from exc
+            if not isinstance(data, dict):
+                raise ValueError("not an event: data is not an object")
+            self._data = data
+        return self._data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __repr__(self) -> str:
+        return repr(self._load())
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +232,8 @@ class Event:
 
     def __post_init__(self) -> None:
         if not self.raw:
-            body = {"id": self.id, "type": self.type, "timestamp": iso(self.timestamp)}
-            object.__setattr__(self, "raw", _dumps({**body, "data": dict(self.data)}))
+            raw = _serialise(self.id, self.type, self.timestamp, self.data)
+            object.__setattr__(self, "raw", raw)
 
     @classmethod
     def create(cls, type: str, data: Mapping[str, Any], now: float) -> Event:
@@ -128,8 +243,16 @@ class Event:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event:
-        """Parse stored JSON, keeping its exact bytes. ``ValueError`` if malformed."""
+        """Parse stored JSON, keeping its exact bytes. ``ValueError`` if malformed.
+
+        JSON in the shape this module writes (``{"id":"…","type":"…","timestamp":"…",
+        "data":{…}}``) is not decoded: its ``data`` is parsed when first read."""
         blob = raw.encode() if isinstance(raw, str) else bytes(raw)
+        head = _HEAD.match(blob)
+        if head is not None and blob.endswith(b"}}"):
+            id, type, stamp = (part.decode() for part in head.groups())
+            if _ISO_MS.fullmatch(stamp):
+                return cls(id, type, parse_iso(stamp), _StoredData(blob), blob)
         try:
             obj = json.loads(blob)
             data = obj["data"]
