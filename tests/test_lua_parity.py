@@ -248,9 +248,11 @@ def test_encoding_is_pure() -> None:
     p = Policy("gcra", 10, 1500.25, burst=3)
     assert check_args([p], [2], 12.5) == ["12.5", "check", "5", "2", "10", "1500.25", "3"]
     assert refund_args([p], [2], ["x"]) == ["", "refund", "5", "2", "10", "1500.25", "3", "x"]
-    reply = [0, 3, b"12.5", b"0.001", b""]
+    reply = [0, 3, 12_500, 1, b""]
     assert decode_reply([p], reply) == ([Outcome(False, 10, 3, 12.5, 0.001)], [""])
     with pytest.raises(ValueError, match="cost"):
         check_args([p], [0])
     with pytest.raises(ValueError, match="unexpected reply"):
         decode_reply([p, p], reply)
+    with pytest.raises(ValueError, match="unexpected reply"):
+        decode_reply([p], [0, 3, b"12.5", 1, b""])  # times are integer µs, never text

@@ -24,7 +24,7 @@ from proxy.limits.algorithms import ALGORITHMS, Outcome, Policy
 
 ALGORITHM_CODES: dict[str, int] = {name: code for code, name in enumerate(ALGORITHMS, start=1)}
 CHECK_FIELDS = 5  # per check in check mode; refund mode adds the token
-REPLY_FIELDS = 5  # per check: allowed, remaining, reset_ms, retry_after_ms, token
+REPLY_FIELDS = 5  # per check: allowed, remaining, reset_us, retry_after_us, token
 
 _PARTS = ("common", *ALGORITHMS, "check")
 
@@ -43,7 +43,8 @@ def _now_arg(now_ms: float | None) -> str:
 
 
 @functools.lru_cache(maxsize=4096)  # few policies and costs: build the strings once
-def _policy_args(policy: Policy, cost: int, shadow: bool = False) -> tuple[str, ...]:
+def policy_args(policy: Policy, cost: int, shadow: bool = False) -> tuple[str, ...]:
+    """One check's part of ARGV in check mode (``check_args`` without the checks)."""
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
         raise ValueError(f"cost must be an integer >= 1, got {cost!r}")
     code = ALGORITHM_CODES[policy.algorithm]
@@ -75,7 +76,7 @@ def check_args(
         raise ValueError("shadow must have one flag per policy")
     args = [_now_arg(now_ms), "check"]
     for policy, cost, flag in zip(policies, costs, flags, strict=True):
-        args += _policy_args(policy, cost, flag)
+        args += policy_args(policy, cost, flag)
     return args
 
 
@@ -93,11 +94,11 @@ def refund_args(
         raise ValueError("policies, costs and tokens must have the same length")
     args = [_now_arg(now_ms), "refund"]
     for policy, cost, token in zip(policies, costs, tokens, strict=True):
-        args += [*_policy_args(policy, cost), token]
+        args += [*policy_args(policy, cost), token]
     return args
 
 
-def _text(value: object) -> str:
+def _token(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode()
     return str(value)
@@ -106,24 +107,24 @@ def _text(value: object) -> str:
 def decode_reply(policies: Sequence[Policy], reply: object) -> tuple[list[Outcome], list[str]]:
     """The script's flat reply as one :class:`Outcome` and one token per check.
 
-    Accepts what redis-py returns with or without ``decode_responses``. In
-    refund mode the outcomes describe each key's standing after the refund (as
-    a cost-0 check) and the tokens are empty.
+    Accepts what redis-py returns with or without ``decode_responses`` (the four
+    numbers are integer replies: ints either way). In refund mode the outcomes
+    describe each key's standing after the refund (as a cost-0 check) and the
+    tokens are empty.
     """
     if not isinstance(reply, list | tuple) or len(reply) != REPLY_FIELDS * len(policies):
         raise ValueError(f"unexpected reply for {len(policies)} checks: {reply!r}")
     outcomes: list[Outcome] = []
     tokens: list[str] = []
-    for i, policy in enumerate(policies):
-        allowed, remaining, reset, retry, token = reply[i * REPLY_FIELDS : (i + 1) * REPLY_FIELDS]
+    at = 0
+    for policy in policies:
+        allowed, remaining, reset_us, retry_us, token = reply[at : at + REPLY_FIELDS]
+        at += REPLY_FIELDS
+        if not (type(allowed) is type(remaining) is type(reset_us) is type(retry_us) is int):
+            raise ValueError(f"unexpected reply for {len(policies)} checks: {reply!r}")
+        # µs / 1000 here rounds exactly as the Python twin's ``us / 1000`` does.
         outcomes.append(
-            Outcome(
-                allowed=int(_text(allowed)) == 1,
-                limit=policy.limit,
-                remaining=int(_text(remaining)),
-                reset_ms=float(_text(reset)),
-                retry_after_ms=float(_text(retry)),
-            )
+            Outcome(allowed == 1, policy.limit, remaining, reset_us / 1000, retry_us / 1000)
         )
-        tokens.append(_text(token))
+        tokens.append(_token(token))
     return outcomes, tokens

@@ -22,7 +22,13 @@ from typing import Any
 from proxy.config import StorageConfig
 from proxy.errors import StorageError
 from proxy.limits.algorithms import Outcome
-from proxy.limits.scripts import CHECK_SCRIPT, CHECK_SHA, check_args, decode_reply, refund_args
+from proxy.limits.scripts import (
+    CHECK_SCRIPT,
+    CHECK_SHA,
+    decode_reply,
+    policy_args,
+    refund_args,
+)
 from proxy.limits.store import Check
 from proxy.storage.redis_client import RedisBackend, open_redis
 from proxy.storage.redis_cluster import key_slot
@@ -46,30 +52,23 @@ class RedisLimitStore:
         return cls(backend, storage.scheme == "redis+cluster")
 
     async def _call(self, checks: Sequence[Check]) -> tuple[list[Outcome], list[str]]:
-        reply = await self.backend.evalsha(
-            CHECK_SCRIPT,
-            CHECK_SHA,
-            [c.key for c in checks],
-            check_args(
-                [c.policy for c in checks],
-                [c.cost for c in checks],
-                shadow=[c.shadow for c in checks],
-            ),
-        )
+        args = ["", "check"]  # now: Redis TIME
+        for c in checks:
+            args += policy_args(c.policy, c.cost, c.shadow)
+        reply = await self.backend.evalsha(CHECK_SCRIPT, CHECK_SHA, [c.key for c in checks], args)
         try:
             return decode_reply([c.policy for c in checks], reply)
         except ValueError as exc:
             raise StorageError(f"unexpected script reply: {exc}") from exc
 
     async def decide(self, checks: Sequence[Check]) -> list[Outcome]:
-        if not self.cluster:
-            return (await self._call(checks))[0]
-        groups: dict[int, list[int]] = {}
-        for i, check in enumerate(checks):
-            groups.setdefault(key_slot(check.key), []).append(i)
-        if len(groups) == 1:
-            return (await self._call(checks))[0]
-        return await self._decide_across_slots(checks, list(groups.values()))
+        if self.cluster and len(checks) > 1:
+            groups: dict[int, list[int]] = {}
+            for i, check in enumerate(checks):
+                groups.setdefault(key_slot(check.key), []).append(i)
+            if len(groups) > 1:
+                return await self._decide_across_slots(checks, list(groups.values()))
+        return (await self._call(checks))[0]
 
     async def _decide_across_slots(
         self, checks: Sequence[Check], groups: list[list[int]]

@@ -143,11 +143,14 @@ class ConnectionPool:
         self, script: bytes, command: tuple[CommandArg, ...], *, asking: bool = False
     ) -> Any:
         """Run an EVALSHA ``command``; on NOSCRIPT load ``script`` here and retry once."""
-        send = self.call_asking if asking else self.call
+        conn = self._pick() or await self.acquire()  # inlines ``call``: the hot path
         try:
-            return await send(*command)
+            if asking:
+                conn.send(("ASKING",)).add_done_callback(_retrieve)
+            return await conn.send(command)
         except NoScriptError:
             await self.call("SCRIPT", "LOAD", script)
+            send = self.call_asking if asking else self.call
             return await send(*command)
 
     def retire(self) -> None:

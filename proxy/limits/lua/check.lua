@@ -6,8 +6,10 @@
 -- states written. A negative algorithm code marks a shadow check: decided and
 -- reported, never a veto; when it denies it writes nothing. Refund mode undoes
 -- each check's consume and reports its standing as a cost-0 check.
--- Reply, per check: allowed (0/1), remaining, reset_ms, retry_after_ms (as
--- '%.17g' strings), token ('' unless the call consumed).
+-- Reply, per check: allowed (0/1), remaining, reset and retry-after in whole
+-- microseconds (integer replies: every time here is a whole number of
+-- microseconds below 2^53, so Redis's conversion to an integer is exact and
+-- cheaper to send and parse than text), token ('' unless the call consumed).
 local ALGORITHMS = {
   fixed_window, sliding_window_log, sliding_window_counter, token_bucket, gcra,
 }
@@ -77,8 +79,8 @@ for _, v in ipairs(checks) do
   if admitted and not refunding and v.allowed then token = v.token end
   reply[#reply + 1] = allowed
   reply[#reply + 1] = math.max(0, v.remaining)
-  reply[#reply + 1] = fmt(v.reset / 1000)
-  reply[#reply + 1] = fmt(v.retry / 1000)
+  reply[#reply + 1] = v.reset
+  reply[#reply + 1] = v.retry
   reply[#reply + 1] = token
 end
 return reply
