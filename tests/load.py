@@ -95,7 +95,12 @@ def command_calls(ports: Iterable[int], command: str = "evalsha") -> int:
 
 
 def dbsize(ports: Iterable[int]) -> int:
-    return sum(int(redis_cli(p, "dbsize", timeout=5)) for p in ports)
+    """Keys of rate-limit state (the status page's leaderboard buckets not counted)."""
+    total = 0
+    for p in ports:
+        keys = redis_cli(p, "--scan", timeout=5).split()
+        total += sum(1 for k in keys if not k.startswith("sl:{sl-status}:"))
+    return total
 
 
 def ietf_remaining(header: str) -> dict[str, int]:
