@@ -77,9 +77,9 @@ class StuckOutbox(SqliteOutbox):
         super().__init__(path)
         self.release = asyncio.Event()
 
-    async def append(self, subscription: str, events: Sequence[Event]) -> None:
+    async def append(self, subscription: str, events: Sequence[Event], *, batch: int = 1) -> None:
         await self.release.wait()
-        await super().append(subscription, events)
+        await super().append(subscription, events, batch=batch)
 
 
 async def test_a_full_buffer_drops_and_counts_but_never_blocks(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxy.events.model import Event, batch_id
-from proxy.events.outbox import Outbox
+from proxy.events.outbox import Delivery, Outbox
 from proxy.events.outbox_redis import RedisOutbox, keys_for
 from proxy.events.outbox_sqlite import SqliteOutbox
 from proxy.storage.redis_client import open_redis
@@ -217,3 +218,95 @@ def test_a_subscriptions_keys_share_one_cluster_slot() -> None:
     slots = {key_slot(getattr(keys, part)) for part in keys.__slots__}
     assert slots == {key_slot("ops-team")}
     assert keys.stream == "sluice:events:{ops-team}:stream"
+
+
+async def test_claims_in_batches_are_disjoint_and_in_order(stores: Stores) -> None:
+    """``append``'s batch hint (SQLite: one row per batch) changes nothing a consumer sees."""
+    outbox = stores.open()
+    now = time.time()
+    sent = events(23, now)
+    await outbox.append(SUB, sent[:10], batch=4)
+    await outbox.append(SUB, sent[10:], batch=4)
+    assert (await outbox.stats(SUB)).depth == 23
+    got = []
+    for consumer, limit in (("a", 3), ("b", 4), ("a", 6), ("c", 1), ("b", 100)):
+        claimed = await outbox.claim_new(SUB, consumer, now, 30, limit)
+        assert len(claimed) == min(limit, 23 - len(got))
+        got += claimed
+    assert [d.events[0].id for d in got] == [e.id for e in sent]
+    assert [d.events[0].raw for d in got] == [e.raw for e in sent]
+    await outbox.ack(SUB, Delivery.join(got[:7]), now)
+    assert (await outbox.stats(SUB)).depth == 16
+    await outbox.ack(SUB, Delivery.join(got[7:]), now)
+    assert (await outbox.stats(SUB)).depth == 0
+
+
+async def test_a_batch_settled_in_parts(stores: Stores) -> None:
+    """Delivered, retried and buried events of one claim each end where they should."""
+    outbox = stores.open()
+    now = time.time()
+    sent = events(6, now)
+    await outbox.append(SUB, sent, batch=6)
+    claimed = await outbox.claim_new(SUB, "a", now, 30, 6)
+    await outbox.ack(SUB, Delivery.join(claimed[1:3]), now)
+    await outbox.retry(
+        SUB, Delivery.join(claimed[3:5]), unit="u1", attempts=1, at=now, error="e", now=now
+    )
+    await outbox.bury(SUB, claimed[5], attempts=1, reason="HTTP 400", now=now)
+    stats = await outbox.stats(SUB)
+    assert (stats.depth, stats.dead) == (3, 1)  # the first is still leased, two wait to retry
+    due = await outbox.claim_due(SUB, "a", now, 30)
+    assert due is not None and [e.id for e in due.events] == [e.id for e in sent[3:5]]
+    await outbox.ack(SUB, due, now)
+    await outbox.ack(SUB, claimed[0], now)
+    assert await outbox.claim_new(SUB, "b", now + 60, 30, 10) == []
+    stats = await outbox.stats(SUB)
+    assert (stats.depth, stats.dead) == (0, 1)
+    (dead,) = await outbox.dead_letters(SUB)
+    assert dead.event.id == sent[5].id and dead.event.raw == sent[5].raw
+
+
+async def test_a_late_settle_removes_only_what_it_delivered(tmp_path: Path) -> None:
+    """A consumer whose lease ran out settles after another took part of its batch:
+    the taker's part stays until the taker settles it."""
+    outbox = SqliteOutbox(tmp_path / "events.sqlite3")
+    try:
+        now = time.time()
+        sent = events(6, now)
+        await outbox.append(SUB, sent, batch=6)
+        slow = await outbox.claim_new(SUB, "slow", now, 1, 6)
+        taken = await outbox.claim_new(SUB, "fast", now + 2, 30, 2)  # splits the segment
+        assert [d.events[0].id for d in taken] == [e.id for e in sent[:2]]
+        await outbox.ack(SUB, Delivery.join(slow), now + 3)  # late, but it did deliver them
+        assert (await outbox.stats(SUB)).depth == 2  # fast's two, still leased to it
+        assert await outbox.claim_new(SUB, "other", now + 3, 30, 10) == []
+        await outbox.ack(SUB, Delivery.join(taken), now + 3)
+        assert (await outbox.stats(SUB)).depth == 0
+    finally:
+        await outbox.close()
+
+
+async def test_sqlite_rows_of_older_files_are_still_delivered(tmp_path: Path) -> None:
+    """Fresh events stored one row each (before segments) are claimed first."""
+    path = tmp_path / "events.sqlite3"
+    outbox = SqliteOutbox(path)
+    try:
+        now = time.time()
+        old, new = events(2, now), events(2, now)
+        await outbox.append(SUB, new, batch=2)
+        with sqlite3.connect(path) as db:
+            db.executemany(
+                "INSERT INTO outbox (sub, event_id, body, created_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(SUB, e.id, e.raw, e.timestamp, e.timestamp) for e in old],
+            )
+        assert (await outbox.stats(SUB)).depth == 4
+        claimed = await outbox.claim_new(SUB, "a", now, 30, 3)
+        assert [d.events[0].id for d in claimed] == [e.id for e in old + new[:1]]
+        await outbox.ack(SUB, Delivery.join(claimed), now)
+        rest = await outbox.claim_new(SUB, "a", now, 30, 3)
+        assert [d.events[0].id for d in rest] == [new[1].id]
+        await outbox.ack(SUB, rest[0], now)
+        assert (await outbox.stats(SUB)).depth == 0
+    finally:
+        await outbox.close()

@@ -253,12 +253,14 @@ class DeliveryWorker:
 
     async def _fresh(self, sub: _Sub, now: float, lease: float) -> Delivery | None:
         hook = sub.hook
-        batch, sub.held = sub.held, None
-        want = hook.batch.max_events - (len(batch.events) if batch else 0)
-        for item in await self.outbox.claim_new(hook.name, self.consumer, now, lease, want):
-            batch = item if batch is None else batch.merge(item)
-        if batch is None:
+        held, sub.held = sub.held, None
+        want = hook.batch.max_events - (len(held.events) if held else 0)
+        parts = await self.outbox.claim_new(hook.name, self.consumer, now, lease, want)
+        if held is not None:
+            parts.insert(0, held)
+        if not parts:
             return None
+        batch = Delivery.join(parts)
         critical = self.settings.critical
         oldest = min(e.timestamp for e in batch.events)
         if (

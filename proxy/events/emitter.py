@@ -60,6 +60,7 @@ class Emitter:
         self._pending_count = 0
         self._unwarned = 0
         self._warned_at = float("-inf")
+        self._counted: dict[str, Any] = {}  # event type → its sluice_events_emitted child
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.settings = settings
@@ -98,10 +99,17 @@ class Emitter:
         self._buffer.append((type, data, self.clock.time()))  # JSON and id at flush time
         self.emitted += 1
         if self.metrics:
-            self.metrics.emitted.labels(type).inc()
+            self._count(type)
         if type in self._critical or len(self._buffer) * 2 >= self._capacity:
             self._kick.set()
         return True
+
+    def _count(self, type: str) -> None:
+        child = self._counted.get(type)
+        if child is None and self.metrics is not None:
+            child = self._counted[type] = self.metrics.emitted.labels(type)
+        if child is not None:
+            child.inc()
 
     def rejected(self, rule: str, client: str, route: str | None = None) -> None:
         """One rate-limit rejection; aggregated per (rule, client) per interval."""
@@ -175,7 +183,7 @@ class Emitter:
             self._buffer.append((REJECTED, window.data(), now))
             self.emitted += 1  # an aggregated event enters the buffer here, not via emit()
             if self.metrics:
-                self.metrics.emitted.labels(REJECTED).inc()
+                self._count(REJECTED)
         hooks = self.settings.active
         while self._buffer:
             kind, data, at = self._buffer.popleft()
@@ -192,9 +200,12 @@ class Emitter:
         stored = 0
         try:
             for name, events in self._pending.items():
+                target = self.settings.webhook(name)
+                batch = target.batch.max_events if target is not None else 1
+                size = max(1, APPEND_CHUNK // batch) * batch  # whole batches per call
                 while events:
-                    chunk = events[:APPEND_CHUNK]
-                    await self.outbox.append(name, chunk)
+                    chunk = events[:size]
+                    await self.outbox.append(name, chunk, batch=batch)
                     del events[: len(chunk)]
                     self._pending_count -= len(chunk)
                     stored += len(chunk)

@@ -53,6 +53,17 @@ class Delivery:
             raise ValueError("only fresh deliveries can be merged")
         return Delivery(self.events + other.events, 0, None, self.handles + other.handles)
 
+    @staticmethod
+    def join(parts: Sequence[Delivery]) -> Delivery:
+        """Fresh deliveries as one batch, in order (``merge`` in one step)."""
+        if not all(part.fresh for part in parts):
+            raise ValueError("only fresh deliveries can be merged")
+        if len(parts) == 1:
+            return parts[0]
+        events = tuple(event for part in parts for event in part.events)
+        handles = tuple(handle for part in parts for handle in part.handles)
+        return Delivery(events, 0, None, handles)
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -80,8 +91,11 @@ class QueueStats:
 
 
 class Outbox(Protocol):
-    async def append(self, subscription: str, events: Sequence[Event]) -> None:
-        """Store ``events`` durably for ``subscription``; raise ``StorageError`` if not."""
+    async def append(self, subscription: str, events: Sequence[Event], *, batch: int = 1) -> None:
+        """Store ``events`` durably for ``subscription``; raise ``StorageError`` if not.
+
+        ``batch`` is the subscription's ``batch.max_events``: how many events its
+        claims will ask for at a time (a store may group them by it)."""
         ...
 
     async def claim_new(

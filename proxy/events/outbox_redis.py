@@ -113,7 +113,7 @@ class RedisOutbox:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
 
-    async def append(self, subscription: str, events: Sequence[Event]) -> None:
+    async def append(self, subscription: str, events: Sequence[Event], *, batch: int = 1) -> None:
         if events:
             k = self.keys(subscription)
             await self._eval(APPEND, (k.stream, k.state), (GROUP, *(e.text for e in events)))

@@ -1,6 +1,20 @@
 """The SQLite outbox: ``<data_dir>/events.sqlite3`` for the embedded (no-Redis) setup.
 
-One row per (subscription, event). Every call runs on one dedicated thread
+Fresh events are stored in *segments*: one row per group of up to ``batch``
+events of one subscription (``append``'s hint: the subscription's
+``batch.max_events``), their JSON one per line, so a flood costs one row per
+batch, not one per event. A claim leases whole segments; one bigger than
+the claim asks for is split first (the claimed head moves to a new row, the
+rest keeps its place). Settling a segment deletes it; settling part of one
+(only when deliveries of one claim are settled separately) rewrites it
+without the settled events, matched by event id, so a late settle from a
+consumer whose lease expired removes only events it did deliver.
+
+Events that failed once (retry units), dead letters, replayed dead letters
+and fresh events of older files are rows of ``outbox``, one per
+(subscription, event). Fresh rows are claimed before segments.
+
+Every call runs on one dedicated thread
 that owns the connection, so the event loop never blocks on disk. WAL mode
 with ``synchronous=FULL``: a committed append survives a crash of the process
 or the machine. Several processes may share the file: claims run in
@@ -45,6 +59,16 @@ CREATE INDEX IF NOT EXISTS outbox_fresh ON outbox (sub, seq)
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (sub, next_attempt_at, unit)
     WHERE unit IS NOT NULL AND dead_at IS NULL;
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (sub, event_id) WHERE dead_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS segments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    sub TEXT NOT NULL,
+    events INTEGER NOT NULL,            -- how many lines the body holds
+    body BLOB NOT NULL,                 -- event JSON, one per line
+    created_at REAL NOT NULL,           -- the oldest event's time
+    leased_until REAL NOT NULL DEFAULT 0,
+    lease_owner TEXT
+);
+CREATE INDEX IF NOT EXISTS segments_sub ON segments (sub, seq);
 CREATE TABLE IF NOT EXISTS subscriptions (
     sub TEXT PRIMARY KEY,
     disabled INTEGER NOT NULL DEFAULT 0,
@@ -59,6 +83,16 @@ CREATE TABLE IF NOT EXISTS subscriptions (
 
 def _marks(n: int) -> str:
     return ",".join("?" * n)
+
+
+def _oldest(lines: list[bytes], default: float) -> float:
+    times = []
+    for line in lines:
+        try:
+            times.append(Event.from_json(line).timestamp)
+        except ValueError:
+            continue
+    return min(times, default=default)
 
 
 class SqliteOutbox:
@@ -122,14 +156,21 @@ class SqliteOutbox:
 
     # -- the Outbox protocol ---------------------------------------------------
 
-    async def append(self, subscription: str, events: Sequence[Event]) -> None:
-        rows = [(subscription, e.id, e.raw, e.timestamp, e.timestamp) for e in events]
+    async def append(self, subscription: str, events: Sequence[Event], *, batch: int = 1) -> None:
+        size = max(1, batch)
+        rows = [
+            (
+                subscription,
+                len(group),
+                b"\n".join(e.raw for e in group),
+                min(e.timestamp for e in group),
+            )
+            for group in (events[i : i + size] for i in range(0, len(events), size))
+        ]
 
         def run(db: sqlite3.Connection) -> None:
             db.executemany(
-                "INSERT INTO outbox (sub, event_id, body, created_at, next_attempt_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                rows,
+                "INSERT INTO segments (sub, events, body, created_at) VALUES (?, ?, ?, ?)", rows
             )
 
         if rows:
@@ -144,23 +185,66 @@ class SqliteOutbox:
     async def claim_new(
         self, subscription: str, consumer: str, now: float, lease: float, limit: int
     ) -> list[Delivery]:
-        def run(db: sqlite3.Connection) -> list[tuple[int, bytes]]:
+        until = now + lease
+
+        def run(db: sqlite3.Connection) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
             rows = db.execute(
                 "SELECT seq, body FROM outbox WHERE sub=? AND unit IS NULL AND dead_at IS NULL "
                 "AND leased_until<=? ORDER BY seq LIMIT ?",
                 (subscription, now, limit),
             ).fetchall()
             if rows:
-                self._lease(db, [r[0] for r in rows], consumer, now + lease)
-            return rows
+                self._lease(db, [r[0] for r in rows], consumer, until)
+            want = limit - len(rows)
+            segments: list[tuple[int, bytes]] = []
+            cursor = db.execute(
+                "SELECT seq, events, body FROM segments WHERE sub=? AND leased_until<=? "
+                "ORDER BY seq",
+                (subscription, now),
+            )
+            while want > 0 and (found := cursor.fetchone()) is not None:
+                seq, count, body = found
+                if count > want:  # split: the head is claimed, the rest keeps its place
+                    lines = body.split(b"\n")
+                    head, rest = lines[:want], lines[want:]
+                    db.execute(
+                        "UPDATE segments SET events=?, body=?, created_at=? WHERE seq=?",
+                        (len(rest), b"\n".join(rest), _oldest(rest, now), seq),
+                    )
+                    body = b"\n".join(head)
+                    seq = db.execute(
+                        "INSERT INTO segments (sub, events, body, created_at) VALUES (?, ?, ?, ?)",
+                        (subscription, want, body, _oldest(head, now)),
+                    ).lastrowid
+                    count = want
+                segments.append((seq, body))
+                want -= count
+            cursor.close()
+            if segments:
+                db.execute(
+                    "UPDATE segments SET leased_until=?, lease_owner=? "
+                    f"WHERE seq IN ({_marks(len(segments))})",
+                    (until, consumer, *(seq for seq, _ in segments)),
+                )
+            return rows, segments
 
-        rows = await self._run(run)
+        rows, segments = await self._run(run)
         out = []
         for seq, body in rows:
             try:
                 out.append(Delivery((Event.from_json(body),), 0, None, (str(seq),)))
             except ValueError as exc:
                 await self._bury_unreadable(subscription, seq, str(exc), now)
+        for seq, body in segments:
+            handle = (f"s{seq}",)
+            unreadable = []
+            for line in body.split(b"\n"):
+                try:
+                    out.append(Delivery((Event.from_json(line),), 0, None, handle))
+                except ValueError as exc:
+                    unreadable.append((line, str(exc)))
+            if unreadable:
+                await self._bury_unreadable_lines(subscription, seq, unreadable, now)
         return out
 
     async def _bury_unreadable(self, subscription: str, seq: int, error: str, now: float) -> None:
@@ -171,6 +255,65 @@ class SqliteOutbox:
             )
 
         await self._run(run)
+
+    async def _bury_unreadable_lines(
+        self, subscription: str, seq: int, lines: list[tuple[bytes, str]], now: float
+    ) -> None:
+        """Lines of segment ``seq`` that are not events: dead letters, out of the segment."""
+
+        def run(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO outbox (sub, event_id, body, created_at, dead_at, dead_reason) "
+                "VALUES (?, '', ?, ?, ?, ?)",
+                [(subscription, line, now, now, f"unreadable: {error}") for line, error in lines],
+            )
+            self._remove_lines(db, seq, {line for line, _ in lines})
+
+        await self._run(run)
+
+    @staticmethod
+    def _remove_lines(db: sqlite3.Connection, seq: int, gone: set[bytes]) -> None:
+        found = db.execute("SELECT body FROM segments WHERE seq=?", (seq,)).fetchone()
+        if found is None:
+            return
+        rest = [line for line in found[0].split(b"\n") if line not in gone]
+        if rest:
+            db.execute(
+                "UPDATE segments SET events=?, body=? WHERE seq=?",
+                (len(rest), b"\n".join(rest), seq),
+            )
+        else:
+            db.execute("DELETE FROM segments WHERE seq=?", (seq,))
+
+    @staticmethod
+    def _settle_fresh(db: sqlite3.Connection, delivery: Delivery) -> list[int]:
+        """Take the delivery's events out of their segments; the outbox rows among
+        its handles are returned (the caller settles those)."""
+        rows: list[int] = []
+        by_segment: dict[int, list[Event]] = {}
+        for handle, event in zip(delivery.handles, delivery.events, strict=False):
+            if handle.startswith("s"):
+                by_segment.setdefault(int(handle[1:]), []).append(event)
+            else:
+                rows.append(int(handle))
+        for seq, events in by_segment.items():
+            # The usual case: the delivery holds the whole segment, byte for byte.
+            body = b"\n".join(e.raw for e in events)
+            if db.execute("DELETE FROM segments WHERE seq=? AND body=?", (seq, body)).rowcount:
+                continue
+            ids = {e.id for e in events}
+            found = db.execute("SELECT body FROM segments WHERE seq=?", (seq,)).fetchone()
+            if found is None:
+                continue  # settled already (a lease that expired, taken over)
+            gone = set()
+            for line in found[0].split(b"\n"):
+                try:
+                    if Event.from_json(line).id in ids:
+                        gone.add(line)
+                except ValueError:
+                    continue
+            SqliteOutbox._remove_lines(db, seq, gone)
+        return rows
 
     async def claim_due(
         self, subscription: str, consumer: str, now: float, lease: float
@@ -200,10 +343,10 @@ class SqliteOutbox:
         return Delivery(events, attempts, unit, tuple(str(r[0]) for r in rows))
 
     async def ack(self, subscription: str, delivery: Delivery, now: float) -> None:
-        seqs = [int(h) for h in delivery.handles]
-
         def run(db: sqlite3.Connection) -> None:
-            db.execute(f"DELETE FROM outbox WHERE seq IN ({_marks(len(seqs))})", seqs)
+            seqs = self._settle_fresh(db, delivery)
+            if seqs:
+                db.execute(f"DELETE FROM outbox WHERE seq IN ({_marks(len(seqs))})", seqs)
             self._record(db, subscription, True, "", now)
 
         await self._run(run)
@@ -219,14 +362,23 @@ class SqliteOutbox:
         error: str,
         now: float,
     ) -> None:
-        seqs = [int(h) for h in delivery.handles]
-
         def run(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE outbox SET unit=?, attempts=?, next_attempt_at=?, leased_until=0, "
-                f"lease_owner=NULL, last_error=? WHERE seq IN ({_marks(len(seqs))}) "
-                "AND dead_at IS NULL",
-                (unit, attempts, at, error, *seqs),
+            seqs = self._settle_fresh(db, delivery)
+            if seqs:
+                db.execute(
+                    "UPDATE outbox SET unit=?, attempts=?, next_attempt_at=?, leased_until=0, "
+                    f"lease_owner=NULL, last_error=? WHERE seq IN ({_marks(len(seqs))}) "
+                    "AND dead_at IS NULL",
+                    (unit, attempts, at, error, *seqs),
+                )
+            db.executemany(
+                "INSERT INTO outbox (sub, event_id, body, created_at, unit, attempts, "
+                "next_attempt_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (subscription, e.id, e.raw, e.timestamp, unit, attempts, at, error)
+                    for h, e in zip(delivery.handles, delivery.events, strict=False)
+                    if h.startswith("s")
+                ],
             )
             self._record(db, subscription, False, error, now)
 
@@ -235,13 +387,22 @@ class SqliteOutbox:
     async def bury(
         self, subscription: str, delivery: Delivery, *, attempts: int, reason: str, now: float
     ) -> None:
-        seqs = [int(h) for h in delivery.handles]
-
         def run(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE outbox SET dead_at=?, dead_reason=?, attempts=?, unit=NULL, "
-                f"leased_until=0, lease_owner=NULL WHERE seq IN ({_marks(len(seqs))})",
-                (now, reason, attempts, *seqs),
+            seqs = self._settle_fresh(db, delivery)
+            if seqs:
+                db.execute(
+                    "UPDATE outbox SET dead_at=?, dead_reason=?, attempts=?, unit=NULL, "
+                    f"leased_until=0, lease_owner=NULL WHERE seq IN ({_marks(len(seqs))})",
+                    (now, reason, attempts, *seqs),
+                )
+            db.executemany(
+                "INSERT INTO outbox (sub, event_id, body, created_at, attempts, dead_at, "
+                "dead_reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (subscription, e.id, e.raw, e.timestamp, attempts, now, reason)
+                    for h, e in zip(delivery.handles, delivery.events, strict=False)
+                    if h.startswith("s")
+                ],
             )
             self._record(db, subscription, False, reason, now)
 
@@ -313,6 +474,12 @@ class SqliteOutbox:
                 "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE sub=? AND dead_at IS NULL",
                 (subscription,),
             ).fetchone()
+            queued, first = db.execute(
+                "SELECT COALESCE(SUM(events), 0), MIN(created_at) FROM segments WHERE sub=?",
+                (subscription,),
+            ).fetchone()
+            depth += queued
+            oldest = min((t for t in (oldest, first) if t is not None), default=None)
             (dead,) = db.execute(
                 "SELECT COUNT(*) FROM outbox WHERE sub=? AND dead_at IS NOT NULL", (subscription,)
             ).fetchone()
