@@ -18,12 +18,20 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from proxy.config import Config, HeaderPolicy, StorageConfig
 from proxy.errors import StorageError
 from proxy.limits.algorithms import Outcome, Policy
 from proxy.limits.breaker import Breaker
-from proxy.limits.headers import Quoted, policy_item, render, retry_after_seconds, sf_string
+from proxy.limits.headers import (
+    Quoted,
+    policy_item,
+    render,
+    render_one,
+    retry_after_seconds,
+    sf_string,
+)
 from proxy.limits.identity import RequestView, client_ip, identify
 from proxy.limits.store import Check, LimitStore, MemoryLimitStore
 from proxy.limitspec import LimitRule
@@ -31,6 +39,7 @@ from proxy.metrics import Children, Metrics
 
 log = logging.getLogger("sluice.limits")
 DENY_CACHE_MAX = 100_000
+CHECKS_CACHE_MAX = 4096  # per rule: the latest clients' checks, built once (keys hashed once)
 ALGO_TAGS = {
     "fixed_window": "fw",
     "sliding_window_log": "swl",
@@ -57,6 +66,9 @@ class RulePlan:
     labels: tuple[str, ...]  # each quota's name in the IETF headers (sf-string)
     policy_items: tuple[str, ...]  # each quota's RateLimit-Policy member
     tags: tuple[str, ...]  # per quota: "<rule>:<algorithm>:<fingerprint>", part of its key
+    # Per client, this rule's checks at its configured cost (see ``_checks``). A plan
+    # lives as long as its config, so a reload starts afresh with the new policies.
+    checks: dict[str, tuple[Check, ...]] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _fingerprint(policy: Policy) -> str:
@@ -127,11 +139,39 @@ class _Pending:
     plan: RulePlan
     client: str
     cost: int
-    checks: list[Check]
+    checks: Sequence[Check]
 
 
 def _client_hash(client: str) -> str:
     return hashlib.blake2b(client.encode(), digest_size=9).hexdigest()
+
+
+@lru_cache(maxsize=CHECKS_CACHE_MAX)
+def _key_prefix(client: str) -> str:
+    """``sl:{<client hash>}:``: the hash tag keeps one client's keys on one Cluster slot."""
+    return f"sl:{{{_client_hash(client)}}}:"
+
+
+def _checks(plan: RulePlan, client: str, cost: int) -> tuple[Check, ...]:
+    """The rule's checks for this client; at the rule's own cost they are built once
+    per client (the latest ``CHECKS_CACHE_MAX`` clients) and reused."""
+    rule = plan.rule
+    cacheable = cost == rule.cost
+    if cacheable:
+        found = plan.checks.get(client)
+        if found is not None:
+            return found
+    prefix = _key_prefix(client)
+    made = tuple(
+        Check(prefix + tag, policy, cost, rule.shadow)
+        for tag, policy in zip(plan.tags, plan.policies, strict=True)
+    )
+    if cacheable:
+        cache = plan.checks
+        if len(cache) >= CHECKS_CACHE_MAX:
+            del cache[next(iter(cache))]  # the oldest entry
+        cache[client] = made
+    return made
 
 
 class Limiter:
@@ -161,6 +201,7 @@ class Limiter:
         self.on_reject: list[Callable[[str, str, str], None]] = []  # (rule, client, route)
         self._decisions = Children(metrics.decisions)
         self._cache_hits = Children(metrics.deny_cache_hits)
+        self._incs: dict[tuple[str, str], Callable[[], None]] = {}
         self._latency = metrics.storage_latency.labels("ratelimit")
         self._last_log = 0.0
 
@@ -229,24 +270,19 @@ class Limiter:
                             },
                         )
                     cost = int(raw)
-            if not rule.shadow:
+            if not rule.shadow and self.deny_cache:
                 cached = self.deny_cache.get((rule.name, client, cost))
                 if cached is not None:
                     if cached[0] > now:
                         return self._cached_denial(plan, client, cached, now, headers, route)
                     del self.deny_cache[(rule.name, client, cost)]
-            prefix = f"sl:{{{_client_hash(client)}}}:"
-            checks = [
-                Check(prefix + tag, policy, cost, rule.shadow)
-                for tag, policy in zip(plan.tags, plan.policies, strict=True)
-            ]
-            pending.append(_Pending(plan, client, cost, checks))
+            pending.append(_Pending(plan, client, cost, _checks(plan, client, cost)))
         if not pending:
             return ALLOW
         return await self._decide(pending, headers, route)
 
     async def _decide(self, pending: list[_Pending], headers: HeaderPolicy, route: str) -> Verdict:
-        checks = [c for p in pending for c in p.checks]
+        checks = pending[0].checks if len(pending) == 1 else [c for p in pending for c in p.checks]
         outcomes: list[Outcome] | None = None
         if self.breaker.allow():
             started = time.perf_counter()
@@ -274,6 +310,14 @@ class Limiter:
             self._last_log = now
             log.warning("rate-limit storage call failed: %s", self.last_error)
 
+    def _count(self, rule: str, result: str) -> None:
+        """One decision into ``sluice_ratelimit_decisions_total`` (the child's bound
+        ``inc`` is kept per label pair: no label validation on the request path)."""
+        inc = self._incs.get((rule, result))
+        if inc is None:
+            inc = self._incs[(rule, result)] = self._decisions(rule, result).inc
+        inc()
+
     def _verdict(
         self,
         pending: list[_Pending],
@@ -282,21 +326,40 @@ class Limiter:
         route: str,
         degraded: bool = False,
     ) -> Verdict:
+        if len(outcomes) == 1 and not degraded:  # one rule of one quota: the common case
+            only = outcomes[0]
+            p = pending[0]
+            rule = p.plan.rule
+            if only.allowed and not rule.shadow:
+                self._count(rule.name, "allowed")
+                return Verdict(
+                    None,
+                    None,
+                    render_one(p.plan.labels[0], p.plan.policy_items[0], only, headers.families)
+                    if headers.on_allowed
+                    else {},
+                    [RuleDecision(rule, p.client, True, outcomes, "allowed")],
+                )
         verdict = Verdict(degraded=degraded)
         quoted: list[Quoted] = []
         denied: list[Outcome] = []
         i = 0
         for p in pending:
-            mine = outcomes[i : i + len(p.checks)]
-            i += len(p.checks)
-            allowed = all(o.allowed for o in mine)
+            n = len(p.checks)
+            mine = outcomes[i : i + n]
+            i += n
+            allowed = True
+            retry = 0.0
+            for o in mine:
+                if not o.allowed:
+                    retry = o.retry_after_ms if allowed else max(retry, o.retry_after_ms)
+                    allowed = False
             rule = p.plan.rule
-            retry = max((o.retry_after_ms for o in mine if not o.allowed), default=0.0)
             if allowed:
                 result = "degraded" if degraded else "allowed"
             else:
                 result = "shadow_rejected" if rule.shadow else "rejected"
-            self._decisions(rule.name, result).inc()
+            self._count(rule.name, result)
             verdict.decisions.append(RuleDecision(rule, p.client, allowed, mine, result, retry))
             if rule.shadow:
                 continue
@@ -366,7 +429,7 @@ class Limiter:
         ]
         rule = plan.rule
         self._cache_hits(rule.name).inc()
-        self._decisions(rule.name, "rejected").inc()
+        self._count(rule.name, "rejected")
         self._rejected(rule.name, client, route)
         seconds = retry_after_seconds([o for o in current if not o.allowed])
         quoted = [
@@ -384,7 +447,7 @@ class Limiter:
         local = [p for p in pending if p.plan.rule.on_storage_error == "local"]
         for p in pending:
             if p.plan.rule.on_storage_error == "deny" and not p.plan.rule.shadow:
-                self._decisions(p.plan.rule.name, "degraded").inc()
+                self._count(p.plan.rule.name, "degraded")
                 return Verdict(
                     503,
                     {
@@ -397,7 +460,7 @@ class Limiter:
                 )
         for p in pending:
             if p.plan.rule.on_storage_error == "allow":
-                self._decisions(p.plan.rule.name, "degraded").inc()
+                self._count(p.plan.rule.name, "degraded")
         if not local:
             return Verdict(degraded=True)
         local_pending = [

@@ -63,6 +63,10 @@ def render(
         headers["Retry-After"] = str(retry_after)
     if not quotas:
         return headers
+    if len(quotas) == 1:
+        q = quotas[0]
+        _render_one(headers, q.label, q.policy, q.outcome, families)
+        return headers
     if "x-ratelimit" in families:
         binding = min(quotas, key=lambda q: (q.outcome.remaining, -q.outcome.reset_ms))
         headers["X-RateLimit-Limit"] = str(binding.outcome.limit)
@@ -74,3 +78,26 @@ def render(
             f"{q.label};r={q.outcome.remaining};t={_seconds(q.outcome.reset_ms)}" for q in quotas
         )
     return headers
+
+
+def render_one(
+    label: str, policy: str, outcome: Outcome, families: Sequence[str]
+) -> dict[str, str]:
+    """``render`` of one quota, allowed (no ``Retry-After``): the request path's common case."""
+    headers: dict[str, str] = {}
+    _render_one(headers, label, policy, outcome, families)
+    return headers
+
+
+def _render_one(
+    headers: dict[str, str], label: str, policy: str, outcome: Outcome, families: Sequence[str]
+) -> None:
+    remaining = str(outcome.remaining)
+    reset = str(_seconds(outcome.reset_ms))
+    if "x-ratelimit" in families:
+        headers["X-RateLimit-Limit"] = str(outcome.limit)
+        headers["X-RateLimit-Remaining"] = remaining
+        headers["X-RateLimit-Reset"] = reset
+    if "ietf" in families:
+        headers["RateLimit-Policy"] = policy
+        headers["RateLimit"] = f"{label};r={remaining};t={reset}"
