@@ -75,6 +75,9 @@ class _Sub:
     bucket: TokenBucket | None = None
     disabled: bool = False
     checked_at: float = float("-inf")
+    # Retry units cannot be due before this (none were at the last look, and this
+    # worker made none due sooner); units of other instances are seen within a poll.
+    no_due_until: float = float("-inf")
     maintain_at: float = 0.0
     gauges_at: float = 0.0
     failing: bool = False
@@ -243,7 +246,11 @@ class DeliveryWorker:
             sub.maintain_at = now + self.maintain_every
             await self.outbox.maintain(name)
         lease = max(self.lease, hook.batch.max_wait + 2 * hook.timeout)
-        delivery = await self.outbox.claim_due(name, self.consumer, now, lease)
+        delivery = None
+        if now >= sub.no_due_until:
+            delivery = await self.outbox.claim_due(name, self.consumer, now, lease)
+            if delivery is None:
+                sub.no_due_until = now + self.poll
         if delivery is None:
             delivery = await self._fresh(sub, now, lease)
         if delivery is None:
@@ -307,6 +314,7 @@ class DeliveryWorker:
             await self.outbox.retry(
                 name, d, unit=msg_id, attempts=d.attempts, at=now, error=outcome.error, now=now
             )
+            sub.no_due_until = now
             sub.disabled, sub.checked_at = True, now
             log.warning("webhook %s: disabled: %s", name, reason)
             sub.gauges_at = 0.0  # show it on the next pass, not GAUGES_EVERY later
@@ -330,6 +338,7 @@ class DeliveryWorker:
         await self.outbox.retry(
             name, d, unit=msg_id, attempts=attempts, at=now + delay, error=outcome.error, now=now
         )
+        sub.no_due_until = min(sub.no_due_until, now + delay)
 
     # -- operators ---------------------------------------------------------------
 
@@ -379,6 +388,7 @@ class DeliveryWorker:
         now = self.clock.time()
         await self.outbox.set_disabled(name, disabled, reason or "disabled by an operator", now)
         sub.disabled, sub.checked_at, sub.paused_until = disabled, now, 0.0
+        sub.no_due_until = float("-inf")
         sub.wake.set()  # events parked by a 410 are due at once
 
     async def dead_letters(

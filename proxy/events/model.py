@@ -127,19 +127,18 @@ def iso(ts: float) -> str:
     return f"{prefix}{micros // 1000:03d}Z"
 
 
-_ISO_MS = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z")
 _parsed_second: tuple[str, int] = ("", 0)
 
 
 def parse_iso(text: str) -> float:
     global _parsed_second
-    found = _ISO_MS.fullmatch(text)
-    if found is None:
+    millis = text[20:23]
+    if len(text) != 24 or text[19] != "." or text[23] != "Z" or not millis.isdecimal():
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    head, millis = found.groups()
-    cached_head, second = _parsed_second
-    if head != cached_head:
-        second = int(datetime.fromisoformat(head + "+00:00").timestamp())
+    head = text[:19]
+    cached, second = _parsed_second
+    if head != cached:
+        second = int(datetime.fromisoformat(head + "+00:00").timestamp())  # validates it
         _parsed_second = (head, second)
     return (second * 1_000_000 + int(millis) * 1000) / 1_000_000  # as datetime.timestamp()
 
@@ -174,13 +173,15 @@ def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode()
 
 
-def _serialise(id: str, type: str, timestamp: float, data: Mapping[str, Any]) -> bytes:
+def _serialise(
+    id: str, type: str, timestamp: float, data: Mapping[str, Any], *, plain: bool = False
+) -> bytes:
     """The event's JSON, as ``json.dumps`` writes it (compact, UTF-8), without
-    building the envelope object."""
+    building the envelope object. ``plain``: ``id`` and ``type`` need no escaping."""
     stamp = iso(timestamp)
     if not isinstance(data, dict):
         data = dict(data)
-    if _PLAIN.fullmatch(id) and _PLAIN.fullmatch(type):
+    if plain or (_PLAIN.fullmatch(id) and _PLAIN.fullmatch(type)):
         body = _encode(data)
         return f'{{"id":"{id}","type":"{type}","timestamp":"{stamp}","data":{body}}}'.encode()
     return _dumps({"id": id, "type": type, "timestamp": stamp, "data": data})
@@ -239,7 +240,8 @@ class Event:
     def create(cls, type: str, data: Mapping[str, Any], now: float) -> Event:
         if type not in TYPE_FIELDS:
             raise ValueError(f"unknown event type {type!r}")
-        return cls(new_event_id(now), type, now, data)
+        id = new_event_id(now)
+        return cls(id, type, now, data, _serialise(id, type, now, data, plain=True))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Event:
@@ -250,9 +252,13 @@ class Event:
         blob = raw.encode() if isinstance(raw, str) else bytes(raw)
         head = _HEAD.match(blob)
         if head is not None and blob.endswith(b"}}"):
-            id, type, stamp = (part.decode() for part in head.groups())
-            if _ISO_MS.fullmatch(stamp):
-                return cls(id, type, parse_iso(stamp), _StoredData(blob), blob)
+            id, type, stamp = head.group(1, 2, 3)
+            try:
+                at = parse_iso(stamp.decode())
+            except ValueError:
+                pass  # the general path says what is wrong
+            else:
+                return cls(id.decode(), type.decode(), at, _StoredData(blob), blob)
         try:
             obj = json.loads(blob)
             data = obj["data"]

@@ -63,12 +63,16 @@ CREATE TABLE IF NOT EXISTS segments (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     sub TEXT NOT NULL,
     events INTEGER NOT NULL,            -- how many lines the body holds
-    body BLOB NOT NULL,                 -- event JSON, one per line
     created_at REAL NOT NULL,           -- the oldest event's time
     leased_until REAL NOT NULL DEFAULT 0,
     lease_owner TEXT
 );
 CREATE INDEX IF NOT EXISTS segments_sub ON segments (sub, seq);
+-- Apart from the lease, which changes often (an update rewrites the whole row).
+CREATE TABLE IF NOT EXISTS segment_bodies (
+    seq INTEGER PRIMARY KEY,            -- segments.seq
+    body BLOB NOT NULL                  -- event JSON, one per line
+);
 CREATE TABLE IF NOT EXISTS subscriptions (
     sub TEXT PRIMARY KEY,
     disabled INTEGER NOT NULL DEFAULT 0,
@@ -85,14 +89,14 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def _oldest(lines: list[bytes], default: float) -> float:
-    times = []
-    for line in lines:
-        try:
-            times.append(Event.from_json(line).timestamp)
-        except ValueError:
-            continue
-    return min(times, default=default)
+def _first_time(lines: list[bytes], default: float) -> float:
+    """When the first event of ``lines`` was created (a segment's events are in
+    the order they were emitted, so about its oldest), but not before ``default``
+    (the time of the segment they come from)."""
+    try:
+        return max(Event.from_json(lines[0]).timestamp, default)
+    except ValueError:
+        return default
 
 
 class SqliteOutbox:
@@ -100,6 +104,7 @@ class SqliteOutbox:
         self.path = Path(path)
         self._busy_ms = int(busy_timeout * 1000)
         self._conn: sqlite3.Connection | None = None
+        self._durable = True  # the connection's synchronous setting: FULL, or NORMAL
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-outbox")
         self._closed = False
 
@@ -117,11 +122,14 @@ class SqliteOutbox:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
-            self._conn = conn
+            self._conn, self._durable = conn, True
         return self._conn
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _tx(self, fn: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
         db = self._db()
+        if durable != self._durable:
+            db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(db)
@@ -131,12 +139,16 @@ class SqliteOutbox:
         db.execute("COMMIT")
         return result
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+        """``fn`` in a transaction on the outbox thread. ``durable=False``: the commit
+        is not synced to disk (WAL, ``synchronous=NORMAL``): for claims and
+        settlements, which a power cut may undo (the events are then sent
+        again), never for appends."""
         if self._closed:
             raise StorageError("the events outbox is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._tx, fn)
+            return await loop.run_in_executor(self._executor, self._tx, fn, durable)
         except sqlite3.Error as exc:
             raise StorageError(f"events outbox {self.path}: {exc}") from exc
 
@@ -169,9 +181,12 @@ class SqliteOutbox:
         ]
 
         def run(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "INSERT INTO segments (sub, events, body, created_at) VALUES (?, ?, ?, ?)", rows
-            )
+            for sub, count, body, created in rows:
+                seq = db.execute(
+                    "INSERT INTO segments (sub, events, created_at) VALUES (?, ?, ?)",
+                    (sub, count, created),
+                ).lastrowid
+                db.execute("INSERT INTO segment_bodies (seq, body) VALUES (?, ?)", (seq, body))
 
         if rows:
             await self._run(run)
@@ -198,24 +213,29 @@ class SqliteOutbox:
             want = limit - len(rows)
             segments: list[tuple[int, bytes]] = []
             cursor = db.execute(
-                "SELECT seq, events, body FROM segments WHERE sub=? AND leased_until<=? "
-                "ORDER BY seq",
+                "SELECT s.seq, s.events, s.created_at, b.body FROM segments s "
+                "JOIN segment_bodies b ON b.seq = s.seq WHERE s.sub=? AND s.leased_until<=? "
+                "ORDER BY s.seq",
                 (subscription, now),
             )
             while want > 0 and (found := cursor.fetchone()) is not None:
-                seq, count, body = found
+                seq, count, created, body = found
                 if count > want:  # split: the head is claimed, the rest keeps its place
                     lines = body.split(b"\n")
                     head, rest = lines[:want], lines[want:]
                     db.execute(
-                        "UPDATE segments SET events=?, body=?, created_at=? WHERE seq=?",
-                        (len(rest), b"\n".join(rest), _oldest(rest, now), seq),
+                        "UPDATE segments SET events=?, created_at=? WHERE seq=?",
+                        (len(rest), _first_time(rest, created), seq),
+                    )
+                    db.execute(
+                        "UPDATE segment_bodies SET body=? WHERE seq=?", (b"\n".join(rest), seq)
                     )
                     body = b"\n".join(head)
                     seq = db.execute(
-                        "INSERT INTO segments (sub, events, body, created_at) VALUES (?, ?, ?, ?)",
-                        (subscription, want, body, _oldest(head, now)),
+                        "INSERT INTO segments (sub, events, created_at) VALUES (?, ?, ?)",
+                        (subscription, want, created),
                     ).lastrowid
+                    db.execute("INSERT INTO segment_bodies (seq, body) VALUES (?, ?)", (seq, body))
                     count = want
                 segments.append((seq, body))
                 want -= count
@@ -228,7 +248,7 @@ class SqliteOutbox:
                 )
             return rows, segments
 
-        rows, segments = await self._run(run)
+        rows, segments = await self._run(run, durable=False)
         out = []
         for seq, body in rows:
             try:
@@ -273,17 +293,16 @@ class SqliteOutbox:
 
     @staticmethod
     def _remove_lines(db: sqlite3.Connection, seq: int, gone: set[bytes]) -> None:
-        found = db.execute("SELECT body FROM segments WHERE seq=?", (seq,)).fetchone()
+        found = db.execute("SELECT body FROM segment_bodies WHERE seq=?", (seq,)).fetchone()
         if found is None:
             return
         rest = [line for line in found[0].split(b"\n") if line not in gone]
         if rest:
-            db.execute(
-                "UPDATE segments SET events=?, body=? WHERE seq=?",
-                (len(rest), b"\n".join(rest), seq),
-            )
+            db.execute("UPDATE segments SET events=? WHERE seq=?", (len(rest), seq))
+            db.execute("UPDATE segment_bodies SET body=? WHERE seq=?", (b"\n".join(rest), seq))
         else:
             db.execute("DELETE FROM segments WHERE seq=?", (seq,))
+            db.execute("DELETE FROM segment_bodies WHERE seq=?", (seq,))
 
     @staticmethod
     def _settle_fresh(db: sqlite3.Connection, delivery: Delivery) -> list[int]:
@@ -299,10 +318,13 @@ class SqliteOutbox:
         for seq, events in by_segment.items():
             # The usual case: the delivery holds the whole segment, byte for byte.
             body = b"\n".join(e.raw for e in events)
-            if db.execute("DELETE FROM segments WHERE seq=? AND body=?", (seq, body)).rowcount:
+            if db.execute(
+                "DELETE FROM segment_bodies WHERE seq=? AND body=?", (seq, body)
+            ).rowcount:
+                db.execute("DELETE FROM segments WHERE seq=?", (seq,))
                 continue
             ids = {e.id for e in events}
-            found = db.execute("SELECT body FROM segments WHERE seq=?", (seq,)).fetchone()
+            found = db.execute("SELECT body FROM segment_bodies WHERE seq=?", (seq,)).fetchone()
             if found is None:
                 continue  # settled already (a lease that expired, taken over)
             gone = set()
@@ -334,7 +356,7 @@ class SqliteOutbox:
             self._lease(db, [r[0] for r in rows], consumer, now + lease)
             return found[0], rows
 
-        claimed = await self._run(run)
+        claimed = await self._run(run, durable=False)
         if claimed is None:
             return None
         unit, rows = claimed
@@ -349,7 +371,7 @@ class SqliteOutbox:
                 db.execute(f"DELETE FROM outbox WHERE seq IN ({_marks(len(seqs))})", seqs)
             self._record(db, subscription, True, "", now)
 
-        await self._run(run)
+        await self._run(run, durable=False)
 
     async def retry(
         self,
@@ -382,7 +404,7 @@ class SqliteOutbox:
             )
             self._record(db, subscription, False, error, now)
 
-        await self._run(run)
+        await self._run(run, durable=False)
 
     async def bury(
         self, subscription: str, delivery: Delivery, *, attempts: int, reason: str, now: float
@@ -406,7 +428,7 @@ class SqliteOutbox:
             )
             self._record(db, subscription, False, reason, now)
 
-        await self._run(run)
+        await self._run(run, durable=False)
 
     async def dead_letters(
         self, subscription: str, after: str | None = None, limit: int = 100
@@ -418,7 +440,7 @@ class SqliteOutbox:
                 (subscription, after or "", limit),
             ).fetchall()
 
-        rows = await self._run(run)
+        rows = await self._run(run, durable=False)
         return [DeadLetter(Event.from_json(b), a, r or "", d) for b, a, r, d in rows]
 
     async def replay(self, subscription: str, ids: Sequence[str] | None, now: float) -> int:
@@ -449,7 +471,7 @@ class SqliteOutbox:
             ).fetchone()
             return row
 
-        row = await self._run(run)
+        row = await self._run(run, durable=False)
         if row is None:
             return SubscriptionState()
         return SubscriptionState(bool(row[0]), row[1], row[2], row[3], row[4], int(row[5]))
@@ -485,7 +507,7 @@ class SqliteOutbox:
             ).fetchone()
             return QueueStats(int(depth), oldest, int(dead))
 
-        return await self._run(run)
+        return await self._run(run, durable=False)
 
     async def maintain(self, subscription: str) -> None:
         return None  # rows leave the table when delivered
