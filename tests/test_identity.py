@@ -74,6 +74,12 @@ def test_composite_and_missing() -> None:
     )
 
 
+def test_a_plain_ip_key_is_the_address_as_the_general_form_spells_it() -> None:
+    assert identify(parse_key("ip"), View(), "192.0.2.1", "r") == "ip=192.0.2.1"
+    assert identify(parse_key("ip + method"), View(), "192.0.2.1", "r") == "ip=192.0.2.1+method=GET"
+    assert identify(parse_key("ip"), View(), "unknown", "r") == "ip=unknown"
+
+
 def test_ipv6_prefix_grouping() -> None:
     spec = parse_key("ip/64")
     a = identify(spec, View(), "2001:db8:1:2:aaaa::1", "r")

@@ -123,7 +123,12 @@ def _source_value(source: KeySource, request: RequestView, ip: str, route: str) 
 
 def identify(spec: KeySpec, request: RequestView, ip: str, route: str) -> str | None:
     """The first alternative whose sources are all present, as ``src=value+src=value``."""
-    for alternative in spec.alternatives:
+    alternatives = spec.alternatives
+    if len(alternatives) == 1 and len(alternatives[0]) == 1:  # one source: the usual rule
+        source = alternatives[0][0]
+        if source.kind == "ip" and source.prefix is None:
+            return "ip=" + ip
+    for alternative in alternatives:
         parts = []
         for source in alternative:
             value = _source_value(source, request, ip, route)

@@ -116,6 +116,14 @@ def decode_reply(policies: Sequence[Policy], reply: object) -> tuple[list[Outcom
         raise ValueError(f"unexpected reply for {len(policies)} checks: {reply!r}")
     outcomes: list[Outcome] = []
     tokens: list[str] = []
+    if len(policies) == 1:  # one check: the common case, unpacked without slicing
+        allowed, remaining, reset_us, retry_us, token = reply
+        if not (type(allowed) is type(remaining) is type(reset_us) is type(retry_us) is int):
+            raise ValueError(f"unexpected reply for 1 check: {reply!r}")
+        limit = policies[0].limit
+        return [Outcome(allowed == 1, limit, remaining, reset_us / 1000, retry_us / 1000)], [
+            _token(token)
+        ]
     at = 0
     for policy in policies:
         allowed, remaining, reset_us, retry_us, token = reply[at : at + REPLY_FIELDS]
