@@ -10,9 +10,11 @@
 -- microseconds (integer replies: every time here is a whole number of
 -- microseconds below 2^53, so Redis's conversion to an integer is exact and
 -- cheaper to send and parse than text), token ('' unless the call consumed).
-local ALGORITHMS = {
-  fixed_window, sliding_window_log, sliding_window_counter, token_bucket, gcra,
+local MODULES = {
+  fixed_window_module, sliding_window_log_module, sliding_window_counter_module,
+  token_bucket_module, gcra_module,
 }
+local ALGORITHMS = {}  -- code -> algorithm table, built on first use in this call
 
 local now
 if ARGV[1] == '' then
@@ -40,7 +42,12 @@ for i, key in ipairs(KEYS) do
   local shadow = code ~= nil and code < 0
   if shadow then code = -code end
   local algorithm = ALGORITHMS[code]
-  if algorithm == nil then return redis.error_reply('ERR sluice: bad algorithm code') end
+  if algorithm == nil then
+    local module = MODULES[code]
+    if module == nil then return redis.error_reply('ERR sluice: bad algorithm code') end
+    algorithm = module()
+    ALGORITHMS[code] = algorithm
+  end
   local cost, limit = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
   local window = math.floor(tonumber(ARGV[at + 4]) * 1000 + 0.5)
   local burst = tonumber(ARGV[at + 5])
