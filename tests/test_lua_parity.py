@@ -3,8 +3,9 @@
 Random timelines (times, costs, several keys per call, refunds, the odd clock
 step back) go through both; the outcomes, tokens, stored states and TTLs must
 be identical. Equality is exact, not approximate: both twins do the same IEEE
-double operations on whole microseconds, and the script returns its floats
-with '%.17g' (which reads back as the same double). The one tolerance is the
+double operations on whole microseconds; the script returns its times as
+integer microseconds (exact below 2^53) and stores its state with '%.17g'
+(which reads back as the same double). The one tolerance is the
 key's PTTL (within 5 ms), read on Redis's real clock.
 """
 
