@@ -292,3 +292,15 @@ def test_stored_events_parse_their_data_on_demand() -> None:
     broken = Event.from_json(event.raw[:-2] + b"!}}")  # the head is fine, the data is not
     with pytest.raises(ValueError, match="not an event"):
         dict(broken.data)
+
+
+def test_ids_count_up_across_milliseconds_between_draws() -> None:
+    source = UlidSource(reseed=1.0)
+    first = source.new(NOW)
+    start = source._last_rand
+    later = [source.new(NOW + k / 1000) for k in range(1, 999)]  # within the second
+    assert source._last_rand == start + 998
+    assert [first, *later] == sorted({first, *later})
+    source.new(NOW + 1.0)  # a second on: new random bits (same start: 1 in 2**80)
+    assert source._last_rand != start + 999
+    assert source.new(NOW - 5) > later[-1]  # a clock stepping back keeps the order

@@ -60,7 +60,9 @@ class Emitter:
         self._pending_count = 0
         self._unwarned = 0
         self._warned_at = float("-inf")
-        self._counted: dict[str, Any] = {}  # event type → its sluice_events_emitted child
+        # Emitted events per type not yet added to sluice_events_emitted: a plain
+        # dict on the request path, moved to the metric at each flush.
+        self._unreported: dict[str, int] = {}
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.settings = settings
@@ -98,18 +100,16 @@ class Emitter:
             return False
         self._buffer.append((type, data, self.clock.time()))  # JSON and id at flush time
         self.emitted += 1
-        if self.metrics:
-            self._count(type)
+        self._unreported[type] = self._unreported.get(type, 0) + 1
         if type in self._critical or len(self._buffer) * 2 >= self._capacity:
             self._kick.set()
         return True
 
-    def _count(self, type: str) -> None:
-        child = self._counted.get(type)
-        if child is None and self.metrics is not None:
-            child = self._counted[type] = self.metrics.emitted.labels(type)
-        if child is not None:
-            child.inc()
+    def _report(self) -> None:
+        counts, self._unreported = self._unreported, {}
+        if self.metrics:
+            for type, count in counts.items():
+                self.metrics.emitted.labels(type).inc(count)
 
     def rejected(self, rule: str, client: str, route: str | None = None) -> None:
         """One rate-limit rejection; aggregated per (rule, client) per interval."""
@@ -182,8 +182,8 @@ class Emitter:
         for window in windows:
             self._buffer.append((REJECTED, window.data(), now))
             self.emitted += 1  # an aggregated event enters the buffer here, not via emit()
-            if self.metrics:
-                self._count(REJECTED)
+            self._unreported[REJECTED] = self._unreported.get(REJECTED, 0) + 1
+        self._report()
         hooks = self.settings.active
         while self._buffer:
             kind, data, at = self._buffer.popleft()

@@ -1,8 +1,8 @@
 """Events: the JSON object every subscriber receives, and its id.
 
 An event is ``{"id", "type", "timestamp", "data"}``. The id is ``evt_`` plus a
-ULID (48-bit millisecond time, 80 random bits from ``os.urandom``, Crockford
-base32): sortable by creation time, unique across processes, free of ``.``
+ULID (48-bit millisecond time, 80 bits from ``os.urandom`` counting up, Crockford
+base32: see ``UlidSource``): sortable by creation time, unique across processes, free of ``.``
 (Standard Webhooks signs ``id.timestamp.body``). The JSON bytes are made once
 and kept (``Event.raw``), so every retry sends exactly the same body.
 """
@@ -57,36 +57,49 @@ def _base32(value: int, length: int) -> str:
 
 
 class UlidSource:
-    """Monotonic ULIDs: within one millisecond the random part counts up.
+    """Monotonic ULIDs. The random part is drawn from ``os.urandom`` at most once
+    per ``reseed`` seconds and counts up in between (within a millisecond, as
+    ULIDs do, and across milliseconds too): ids stay unique across processes
+    (each counts from its own random 80-bit start) and cost no system call.
 
     Thread-safe; the state is dropped in a forked child (its counter would
     otherwise continue the parent's).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reseed: float = 1.0) -> None:
+        self.reseed_ms = int(reseed * 1000)
         self.reset()
 
     def reset(self) -> None:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_rand = 0
-        self._head: tuple[int, str] = (-1, "")  # (ms and high random bits, their 22 chars)
+        self._drawn_ms = -1  # when the random part was last drawn
+        self._time: tuple[int, str] = (-1, "")  # ms, its 10 characters
+        self._high: tuple[int, str] = (-1, "")  # random bits above the low 20, 12 characters
 
     def new(self, now: float) -> str:
         ms = max(0, int(now * 1000)) & ((1 << 48) - 1)
         with self._lock:
-            if ms <= self._last_ms and self._last_rand < (1 << 80) - 1:
-                ms, rand = self._last_ms, self._last_rand + 1
+            if ms < self._last_ms:
+                ms = self._last_ms  # the clock stepped back: stay in order
+            if ms - self._drawn_ms < self.reseed_ms and self._last_rand < (1 << 80) - 1:
+                rand = self._last_rand + 1
             else:
                 rand = int.from_bytes(os.urandom(10), "big")
+                self._drawn_ms = ms
             self._last_ms, self._last_rand = ms, rand
         # Consecutive ids differ in the low bits: only those are encoded each time.
-        high = (ms << 60) | (rand >> 20)
-        cached, head = self._head
+        cached, time_part = self._time
+        if cached != ms:
+            time_part = _base32(ms, 10)
+            self._time = (ms, time_part)
+        high = rand >> 20
+        cached, high_part = self._high
         if cached != high:
-            head = _base32(high, 22)
-            self._head = (high, head)
-        return head + _PAIRS[(rand >> 10) & 1023] + _PAIRS[rand & 1023]
+            high_part = _base32(high, 12)
+            self._high = (high, high_part)
+        return time_part + high_part + _PAIRS[(rand >> 10) & 1023] + _PAIRS[rand & 1023]
 
 
 ULIDS = UlidSource()

@@ -53,6 +53,14 @@ class Delivery:
             raise ValueError("only fresh deliveries can be merged")
         return Delivery(self.events + other.events, 0, None, self.handles + other.handles)
 
+    def each(self) -> list[Delivery]:
+        """A fresh delivery as one delivery per event (each settled on its own)."""
+        if not self.fresh:
+            raise ValueError("only fresh deliveries can be split")
+        return [
+            Delivery((e,), 0, None, (h,)) for e, h in zip(self.events, self.handles, strict=True)
+        ]
+
     @staticmethod
     def join(parts: Sequence[Delivery]) -> Delivery:
         """Fresh deliveries as one batch, in order (``merge`` in one step)."""
@@ -101,8 +109,10 @@ class Outbox(Protocol):
     async def claim_new(
         self, subscription: str, consumer: str, now: float, lease: float, limit: int
     ) -> list[Delivery]:
-        """Lease up to ``limit`` fresh events (one ``Delivery`` each), including
-        those whose earlier lease expired."""
+        """Lease up to ``limit`` fresh events, including those whose earlier lease
+        expired, in order: a ``Delivery`` per event, or per group of events
+        stored together (SQLite: one per stored batch). ``Delivery.each`` splits
+        them, should a caller settle them one by one."""
         ...
 
     async def claim_due(

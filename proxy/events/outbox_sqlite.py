@@ -28,6 +28,7 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ from proxy.events.outbox import DeadLetter, Delivery, QueueStats, SubscriptionSt
 
 T = TypeVar("T")
 FILENAME = "events.sqlite3"
+RECENT_EVENTS = 20_000  # appended events kept in memory until claimed (see _remember)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -105,6 +107,7 @@ class SqliteOutbox:
         self._busy_ms = int(busy_timeout * 1000)
         self._conn: sqlite3.Connection | None = None
         self._durable = True  # the connection's synchronous setting: FULL, or NORMAL
+        self._recent: dict[tuple[str, bytes], Event] = {}  # see _remember
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-outbox")
         self._closed = False
 
@@ -190,6 +193,20 @@ class SqliteOutbox:
 
         if rows:
             await self._run(run)
+            self._remember(subscription, events)
+
+    def _remember(self, subscription: str, events: Sequence[Event]) -> None:
+        """Keep the events just stored, so this process's claims of them skip parsing
+        (a line read back is looked up by its exact bytes)."""
+        recent = self._recent
+        for event in events:
+            recent[subscription, event.raw] = event
+        if len(recent) > RECENT_EVENTS:  # claimed elsewhere (or never): keep the newer half
+            self._recent = dict(islice(recent.items(), len(recent) // 2, None))
+
+    def _event(self, subscription: str, line: bytes) -> Event:
+        event = self._recent.pop((subscription, line), None)
+        return event if event is not None else Event.from_json(line)
 
     def _lease(self, db: sqlite3.Connection, seqs: list[int], consumer: str, until: float) -> None:
         db.execute(
@@ -255,14 +272,16 @@ class SqliteOutbox:
                 out.append(Delivery((Event.from_json(body),), 0, None, (str(seq),)))
             except ValueError as exc:
                 await self._bury_unreadable(subscription, seq, str(exc), now)
-        for seq, body in segments:
-            handle = (f"s{seq}",)
+        for seq, body in segments:  # one Delivery per segment
+            events = []
             unreadable = []
             for line in body.split(b"\n"):
                 try:
-                    out.append(Delivery((Event.from_json(line),), 0, None, handle))
+                    events.append(self._event(subscription, line))
                 except ValueError as exc:
                     unreadable.append((line, str(exc)))
+            if events:
+                out.append(Delivery(tuple(events), 0, None, (f"s{seq}",) * len(events)))
             if unreadable:
                 await self._bury_unreadable_lines(subscription, seq, unreadable, now)
         return out
