@@ -250,7 +250,8 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "sluice-redirect-hooks",
-        "the same + a webhook for every event: one redirect.followed per click",
+        "the same + a webhook for every event: one redirect.followed per click,"
+        " delivered in batches of up to 100",
         sluice_target(sluice.REDIRECT_HOOKS, REDIRECT_PATH),
         loads=LOADED_ONLY,
         links=True,
