@@ -8,6 +8,7 @@ with short real schedules.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from proxy.errors import StorageError
 from proxy.events.delivery import DeliveryWorker
 from proxy.events.metrics import EventMetrics
 from proxy.events.model import Event
-from proxy.events.outbox import Outbox
+from proxy.events.outbox import Delivery, Outbox
 from proxy.events.outbox_redis import RedisOutbox
 from proxy.events.outbox_sqlite import SqliteOutbox
 from proxy.events.service import Notifier
@@ -323,3 +325,40 @@ async def test_410_disables_until_re_enabled(make_outbox: OutboxFactory, running
         assert not status.disabled
     finally:
         await rx.stop()
+
+
+class FlakyAcks(SqliteOutbox):
+    """An outbox whose first acknowledgement fails (the store hiccups after the POST)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failed = 0
+
+    async def ack(self, subscription: str, delivery: Delivery, now: float) -> None:
+        if not self.failed:
+            self.failed += 1
+            raise StorageError("disk I/O error")
+        await super().ack(subscription, delivery, now)
+
+
+async def test_a_failed_batch_ack_sends_the_batch_again_and_carries_on(
+    tmp_path: Path, receiver: Receiver, running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Acks are not waited for before the next claim; one that fails is logged and
+    its events go out again once their lease runs out (at-least-once)."""
+    outbox = FlakyAcks(tmp_path / "events.sqlite3")
+    settings = notifications(hook(receiver.url, max_events=3, max_wait=0.05, timeout=0.2))
+    with caplog.at_level(logging.WARNING, "sluice.events"):
+        notifier = await running.start(settings, outbox, lease=0.5)
+        for i in range(9):
+            notifier.emit("link.created", link(i))
+        codes = lambda: {e["data"]["code"] for r in receiver.requests for e in r.body}  # noqa: E731
+        await receiver.wait_for(lambda: len(codes()) == 9)
+        first = receiver.requests[0].msg_id
+        await receiver.wait_for(lambda: sum(r.msg_id == first for r in receiver.requests) == 2)
+    assert outbox.failed == 1
+    assert any("acknowledgement failed" in r.getMessage() for r in caplog.records)
+    assert receiver.bad_signatures == 0
+    await asyncio.sleep(0.1)
+    (status,) = await notifier.status()
+    assert (status.depth, status.dead_letters) == (0, 0)

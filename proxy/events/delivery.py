@@ -81,6 +81,7 @@ class _Sub:
     maintain_at: float = 0.0
     gauges_at: float = 0.0
     failing: bool = False
+    acking: asyncio.Future[None] | None = None  # the last ack, not awaited by the loop
 
 
 def consumer_name() -> str:
@@ -179,6 +180,11 @@ class DeliveryWorker:
             self._stop(sub)
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
+        for sub in self._subs.values():
+            try:
+                await self._acked(sub)
+            except StorageError as exc:
+                log.warning("webhook %s: delivered events not acknowledged: %s", sub.hook.name, exc)
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
@@ -299,8 +305,18 @@ class DeliveryWorker:
         name, retry = sub.hook.name, sub.hook.retry
         now = self.clock.time()
         attempts = d.attempts + 1
+        try:
+            await self._acked(sub)
+        except StorageError as exc:  # those events go out again after their lease
+            log.warning("webhook %s: an acknowledgement failed: %s", name, exc)
+            if self.metrics:
+                self.metrics.outbox_errors.labels("deliver").inc()
         if outcome.verdict is Verdict.DELIVERED:
-            await self.outbox.ack(name, d, now)
+            # Not waited for: the next claim goes ahead meanwhile (the outbox never
+            # hands out leased events, and SQLite runs its calls in order). A failed
+            # ack surfaces at the next settle or status; the events are then sent
+            # again once their lease runs out (at-least-once).
+            sub.acking = asyncio.ensure_future(self.outbox.ack(name, d, now))
             if sub.failing:
                 log.warning("webhook %s: delivering again", name)
             sub.failing = False
@@ -340,6 +356,13 @@ class DeliveryWorker:
         )
         sub.no_due_until = min(sub.no_due_until, now + delay)
 
+    @staticmethod
+    async def _acked(sub: _Sub) -> None:
+        """Wait for the subscription's last ack; ``StorageError`` if it failed."""
+        acking, sub.acking = sub.acking, None
+        if acking is not None:
+            await acking
+
     # -- operators ---------------------------------------------------------------
 
     def _known(self, name: str) -> _Sub:
@@ -353,7 +376,10 @@ class DeliveryWorker:
 
     async def status(self, name: str | None = None) -> list[SubscriptionStatus]:
         """A snapshot per subscription (or just ``name``); refreshes the gauges."""
-        hooks = [self._known(name).hook] if name else [s.hook for s in self._subs.values()]
+        subs = [self._known(name)] if name else list(self._subs.values())
+        for sub in subs:
+            await self._acked(sub)  # so the figures include it
+        hooks = [sub.hook for sub in subs]
         now = self.clock.time()
         out = []
         for hook in hooks:
