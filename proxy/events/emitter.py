@@ -1,9 +1,12 @@
 """The request path's side of events: append to memory, never wait.
 
 ``emit`` and ``rejected`` are plain (non-async) calls that cost a dict or
-deque operation. A background flusher moves events to the outbox every
-``flush_interval`` (at once for critical types), fanned out to each matching
-subscription, then calls ``on_flushed`` (the delivery worker's ``wake``).
+deque operation (``sluice_events_emitted`` is brought up to date at each
+flush, not per call). A background flusher moves events to the outbox every
+``flush_interval`` (at once for critical types): each is given its id and
+JSON once, fanned out to each matching subscription, and appended in whole
+batches of that subscription's ``batch.max_events``; then it calls
+``on_flushed`` (the delivery worker's ``wake``).
 
 The buffer is bounded by ``settings.buffer`` events, counting both events
 not yet flushed and fanned-out copies the outbox has not yet taken (it may be
