@@ -359,9 +359,13 @@ class DeliveryWorker:
     @staticmethod
     async def _acked(sub: _Sub) -> None:
         """Wait for the subscription's last ack; ``StorageError`` if it failed."""
-        acking, sub.acking = sub.acking, None
+        acking = sub.acking
         if acking is not None:
-            await acking
+            try:
+                await asyncio.shield(acking)  # a cancelled caller leaves it running
+            finally:
+                if sub.acking is acking and acking.done():
+                    sub.acking = None
 
     # -- operators ---------------------------------------------------------------
 
