@@ -42,6 +42,8 @@ async def readyz(request: web.Request) -> web.Response:
         },
         "uptime_seconds": round(time.time() - request.app[STARTED], 3),
     }
+    if runtime.snapshot.candidate is not None:  # a bad candidate is ignored: still ready
+        body["candidate"] = runtime.snapshot.candidate.describe()
     if runtime.links is not None:
         body["links"] = runtime.links.describe()
     if runtime.notifier is not None:

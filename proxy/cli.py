@@ -86,6 +86,18 @@ def cmd_check(args: argparse.Namespace) -> int:
             status = 1
             continue
         print(summarize(config))
+        if config.candidate is not None:  # what-if rules: checked too, shown as a diff
+            candidate = load_or_report(config.candidate)
+            if candidate is None:
+                print(f"candidate {config.candidate}: invalid (serve reports and ignores it)")
+                status = 1
+                continue
+            from proxy.diff import diff
+
+            changes = [c for c in diff(config, candidate) if c[2:].startswith(("limits", "routes"))]
+            print(f"candidate {config.candidate} (its limits evaluated in shadow):")
+            for line in changes or ["no change to routes or limits"]:
+                print(f"  {line}")
     return status
 
 

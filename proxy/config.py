@@ -193,6 +193,9 @@ class Config:
     notifications: NotificationsSettings = field(default_factory=NotificationsSettings)
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
+    # A rules file whose limits are evaluated in shadow beside these (what-if);
+    # an absolute path (a relative one in the file is taken from the file's folder).
+    candidate: str | None = None
 
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
@@ -283,6 +286,7 @@ def _build(top: Section, source: ConfigSource) -> Config:
     notifications = read_notifications(
         top.section("notifications"), limits=limits.keys(), routes=[r.name for r in routes]
     )
+    candidate = _candidate(top, source)
     top.finish()
     if admin.listen == listen:
         problems.add(top.line_of("admin"), "admin.listen", "must differ from listen")
@@ -301,7 +305,23 @@ def _build(top: Section, source: ConfigSource) -> Config:
         notifications=notifications,
         server=server,
         logging=logging_,
+        candidate=candidate,
     )
+
+
+def _candidate(top: Section, source: ConfigSource) -> str | None:
+    """``candidate: FILE``: only the name is checked here; the file itself is loaded
+    (and, when bad, reported and ignored) by whoever evaluates it."""
+    name = top.string("candidate")
+    if not name:
+        return None
+    path = Path(name)
+    if not path.is_absolute():
+        path = Path(source.path).parent / path
+    if path.resolve() == Path(source.path).resolve():
+        top.error("candidate", "must name another file than the rules file itself")
+        return None
+    return str(path)
 
 
 def _admin(sec: Section) -> AdminConfig:

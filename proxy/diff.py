@@ -319,6 +319,17 @@ def _logging(out: _Out, old: Config, new: Config) -> None:
     )
 
 
+def _candidate(out: _Out, old: Config, new: Config) -> None:
+    if old.candidate == new.candidate:
+        return
+    if old.candidate is None:
+        out.added("candidate", f"{new.candidate} (its limits evaluated in shadow)")
+    elif new.candidate is None:
+        out.removed("candidate")
+    else:
+        out.changed("candidate", old.candidate, new.candidate)
+
+
 Section = Callable[[_Out, Config, Config], None]
 # Every field of Config but ``source``, in the reference's order (a test checks the set).
 SECTIONS: dict[str, Section] = {
@@ -335,6 +346,7 @@ SECTIONS: dict[str, Section] = {
     "redirects": _redirects,
     "notifications": _notifications,
     "logging": _logging,
+    "candidate": _candidate,
 }
 
 

@@ -188,6 +188,26 @@ class Metrics:
             "Clicks whose analytics were not recorded (queue full, or the store failed).",
             registry=r,
         )
+        self.whatif_decisions = Counter(
+            "sluice_whatif_decisions",
+            "What-if: the candidate rules' decisions (evaluated in shadow) by rule and result.",
+            ["rule", "result"],
+            registry=r,
+        )
+        self.whatif_requests = Counter(
+            "sluice_whatif_requests",
+            "What-if: requests by the live answer and the answer the candidate rules would give "
+            "(not_evaluated: answered from the live deny cache or with storage down).",
+            ["live", "candidate"],
+            registry=r,
+        )
+        self.whatif_candidate_ok = Gauge(
+            "sluice_whatif_candidate_ok",
+            "0 while the what-if candidate rules file fails to load (it is ignored), "
+            "else 1 (also without a candidate).",
+            registry=r,
+            multiprocess_mode="min",
+        )
         self.log_dropped = Counter(
             "sluice_log_dropped",
             "Log records dropped because the log writer fell behind (stderr slow or blocked).",

@@ -188,9 +188,17 @@ class RedirectHandler:
                 body = {"error": "rate_limited", "rule": "miss_limit", "retry_after": seconds}
                 return json_reply(429, body, {"Retry-After": str(seconds)})
         extra: dict[str, str] | None = None
-        if cfg.limits:
+        candidate = snap.candidate.for_redirects() if snap.candidate is not None else None
+        if cfg.limits or candidate is not None:
             verdict = await self.runtime.limiter.check(
-                snap.config, snap.plans, cfg.limits, request, request.remote, ROUTE, HEADERS
+                snap.config,
+                snap.plans,
+                cfg.limits,
+                request,
+                request.remote,
+                ROUTE,
+                HEADERS,
+                candidate,
             )
             if note is not None:
                 note.decided(verdict.decisions)

@@ -42,6 +42,7 @@ from proxy.metrics import Metrics
 from proxy.routing import Router
 from proxy.status.service import StatusService
 from proxy.storage.factory import open_limit_store
+from proxy.whatif import Candidate, file_signature, load_candidate
 
 log = logging.getLogger("sluice.runtime")
 EventHook = Callable[[str, dict[str, Any]], None]
@@ -53,6 +54,7 @@ class Snapshot:
     router: Router
     upstreams: dict[str, UpstreamClient]
     plans: dict[str, RulePlan]
+    candidate: Candidate | None = None  # what-if rules evaluated in shadow (proxy.whatif)
 
     def trusted(self, peer: str | None) -> bool:
         if not peer or not self.config.clients.trusted_proxies:
@@ -129,8 +131,14 @@ class Runtime:
         for name, upstream in config.upstreams.items():
             old = current.get(name)
             clients[name] = old if old and old.upstream == upstream else self._client(upstream)
+        candidate = load_candidate(config.candidate, config.storage) if config.candidate else None
+        self.metrics.whatif_candidate_ok.set(0 if candidate and not candidate.usable else 1)
         return Snapshot(
-            config, Router(config.routes), clients, plan_rules(config.limits, config.storage)
+            config,
+            Router(config.routes),
+            clients,
+            plan_rules(config.limits, config.storage),
+            candidate,
         )
 
     def _client(self, upstream: Upstream) -> UpstreamClient:
@@ -153,6 +161,7 @@ class Runtime:
         if new.source.sha256 == old.config.source.sha256:
             self.reload_error = None
             self.metrics.config_ok.set(1)
+            self._reload_candidate()
             return True
         for what in ("listen", "admin", "storage"):
             if getattr(new, what) != getattr(old.config, what):
@@ -183,6 +192,20 @@ class Runtime:
             self._retired.add(task)
             task.add_done_callback(self._retired.discard)
         return True
+
+    def candidate_changed(self) -> bool:
+        """True when the candidate file on disk differs from the one loaded."""
+        cand = self.snapshot.candidate
+        return cand is not None and file_signature(cand.path) != cand.signature
+
+    def _reload_candidate(self) -> None:
+        """Load the candidate file again if it changed (the live rules did not)."""
+        snap = self.snapshot
+        if snap.candidate is None or not self.candidate_changed():
+            return
+        candidate = load_candidate(snap.candidate.path, snap.config.storage)
+        self.metrics.whatif_candidate_ok.set(1 if candidate.usable else 0)
+        self.snapshot = Snapshot(snap.config, snap.router, snap.upstreams, snap.plans, candidate)
 
     async def _retire(self, clients: list[UpstreamClient]) -> None:
         """Close replaced upstream pools once requests already using them are done."""

@@ -111,7 +111,7 @@ class MainHandler:
         if route.upstream is None:
             return json_error(404, "no_upstream", f"route {route.name} forwards nowhere")
         extra: dict[str, str] | None = None
-        if route.limits:
+        if route.limits or snap.candidate is not None:
             verdict = await self._limit(request, snap, route, request, note)
             if verdict.status is not None:
                 return json_reply(verdict.status, verdict.body or {}, verdict.headers)
@@ -136,8 +136,22 @@ class MainHandler:
         view: RequestView,
         note: AccessNote | None,
     ) -> Verdict:
+        candidate = (
+            snap.candidate.for_route(
+                view.method, view.path, view.headers.get("Host") or "", view.headers
+            )
+            if snap.candidate is not None
+            else None
+        )
         verdict = await self.runtime.limiter.check(
-            snap.config, snap.plans, route.limits, view, request.remote, route.name, route.headers
+            snap.config,
+            snap.plans,
+            route.limits,
+            view,
+            request.remote,
+            route.name,
+            route.headers,
+            candidate,
         )
         if note is not None:
             note.decided(verdict.decisions)

@@ -114,11 +114,14 @@ async def serve(config: Config, *, reuse_port: bool = False, ready_fd: int | Non
 
 
 async def _watch(runtime: Runtime) -> None:
-    """Reload when the rules file changes (mtime, size or inode: editors replace files)."""
+    """Reload when the rules file or its what-if candidate changes (mtime, size or inode:
+    editors replace files)."""
     stamp = _file_stamp(runtime.path)
     while True:
         await asyncio.sleep(WATCH_INTERVAL)
         now = _file_stamp(runtime.path)
         if now != stamp and now is not None:
             stamp = now
+            runtime.reload()
+        elif runtime.candidate_changed():  # the what-if file was edited
             runtime.reload()

@@ -167,3 +167,38 @@ async def test_login_form_then_storage_down(
             assert page.errors == []
     finally:
         server.stop()
+
+
+async def test_the_whatif_panel_compares_the_candidate(
+    tmp_path: Path, page: Page, artifacts_dir: Path
+) -> None:
+    from tests.test_whatif_functional import TOKEN as WHATIF_TOKEN
+    from tests.test_whatif_functional import live_rules, send, write_candidate
+
+    write_candidate(tmp_path, limit=1)
+    async with running(live_rules(tmp_path, "memory://")) as s:
+        assert await send(s, "alice", 4) == [200, 200, 200, 429]
+        assert await send(s, "bob", 1) == [200]
+        service = s.runtime.status
+        assert service is not None
+        await service.flush()
+        service.sample()
+        await page.goto(f"{s.admin_url}/#token={WHATIF_TOKEN}")
+        await page.wait_for("!document.getElementById('whatif-panel').hidden", timeout=15)
+        summary = await page.evaluate("document.getElementById('whatif-summary').textContent")
+        assert summary.startswith(
+            "With the candidate, 60.0% of requests would be rejected instead of 20.0%: 40.0% more"
+        )
+        source = await page.evaluate("document.getElementById('whatif-source').textContent")
+        assert source.startswith(f"candidate {tmp_path / 'next.yaml'} (")
+        rows = await page.evaluate(
+            "[...document.querySelectorAll('#whatif-clients tbody tr')].map(r => "
+            "[...r.cells].map(c => c.textContent))"
+        )
+        assert rows == [["1", masked("header:X-Key=alice"), "per_key", "2"]]
+        charts = await page.evaluate(
+            "[...document.querySelectorAll('#whatif-charts .chart')].map(c => c.dataset.rule)"
+        )
+        assert sorted(charts) == ["per_ip (candidate)", "per_key (candidate)"]
+        await page.screenshot(artifacts_dir / "status-page-whatif.png")
+        assert page.errors == []

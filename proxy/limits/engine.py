@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from proxy.config import Config, HeaderPolicy, StorageConfig
@@ -107,6 +107,34 @@ def plan_rules(limits: Mapping[str, LimitRule], storage: StorageConfig) -> dict[
     return plans
 
 
+CANDIDATE_TAG = "c:"  # candidate keys: sl:{client}:c:<rule>:…, never a live rule's counters
+
+
+def candidate_plans(plans: Mapping[str, RulePlan]) -> dict[str, RulePlan]:
+    """A what-if candidate's plans: every check in shadow, under keys of its own (the
+    candidate's own ``shadow`` flags stay on its config's rules)."""
+    return {
+        name: replace(
+            plan,
+            rule=replace(plan.rule, shadow=True),
+            tags=tuple(CANDIDATE_TAG + tag for tag in plan.tags),
+            checks={},
+        )
+        for name, plan in plans.items()
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateRules:
+    """A what-if candidate's rules for one request (``proxy.whatif``): decided in the
+    same store call as the live ones, in shadow, never changing the answer."""
+
+    config: Config
+    plans: Mapping[str, RulePlan]  # from ``candidate_plans``
+    rule_names: Sequence[str]
+    route: str
+
+
 @dataclass(slots=True)
 class RuleDecision:
     """What happened to one rule for one request (for metrics, events and logs)."""
@@ -174,6 +202,66 @@ def _checks(plan: RulePlan, client: str, cost: int) -> tuple[Check, ...]:
     return made
 
 
+def _client_and_cost(
+    rule: LimitRule, config: Config, request: RequestView, ip: str, route: str
+) -> tuple[str, int] | Verdict | None:
+    """Who the rule counts and at what cost; None when the rule does not apply to a
+    request without its key (``on_missing_key: allow``), a Verdict when the request
+    is refused before any count (403 unidentified, 400 bad cost)."""
+    client = identify(rule.key, request, ip, route)
+    if client is None:
+        policy = config.clients.on_missing_key
+        if policy == "allow":
+            return None
+        if policy == "deny":
+            return Verdict(
+                403,
+                {
+                    "error": "client_not_identified",
+                    "rule": rule.name,
+                    "message": f"rule {rule.name} needs {rule.key}",
+                },
+            )
+        client = "anonymous"
+    cost = rule.cost
+    if rule.cost_header is not None:
+        raw = request.headers.get(rule.cost_header)
+        if raw is not None:
+            if not raw.isdigit() or int(raw) < 1:
+                return Verdict(
+                    400,
+                    {
+                        "error": "bad_cost",
+                        "rule": rule.name,
+                        "message": f"{rule.cost_header} must be a positive integer",
+                    },
+                )
+            cost = int(raw)
+    return client, cost
+
+
+def _candidate_pending(
+    candidate: CandidateRules, request: RequestView, ip: str
+) -> list[_Pending] | None:
+    """The candidate's checks for this request; None if it would refuse it outright."""
+    out: list[_Pending] = []
+    for name in candidate.rule_names:
+        plan = candidate.plans[name]
+        rule = plan.rule
+        if rule.match is not None and not rule.match.matches(
+            request.method, request.path, request.headers.get("Host") or "", request.headers
+        ):
+            continue
+        found = _client_and_cost(rule, candidate.config, request, ip, candidate.route)
+        if found is None:
+            continue
+        if isinstance(found, Verdict):
+            return None
+        client, cost = found
+        out.append(_Pending(plan, client, cost, _checks(plan, client, cost)))
+    return out
+
+
 class Limiter:
     """Per worker; survives reloads (store, breaker, deny cache), takes plans per request."""
 
@@ -199,6 +287,10 @@ class Limiter:
         self.last_error: str | None = None
         self.on_transition: list[Callable[[str, str], None]] = []
         self.on_reject: list[Callable[[str, str, str], None]] = []  # (rule, client, route)
+        # (rule, client): a candidate rule would reject a request the live rules admit
+        self.on_candidate_reject: list[Callable[[str, str], None]] = []
+        self._whatif_decisions = Children(metrics.whatif_decisions)
+        self._whatif_requests = Children(metrics.whatif_requests)
         self._decisions = Children(metrics.decisions)
         self._cache_hits = Children(metrics.deny_cache_hits)
         self._incs: dict[tuple[str, str], Callable[[], None]] = {}
@@ -227,8 +319,10 @@ class Limiter:
         peer: str | None,
         route: str,
         headers: HeaderPolicy = DEFAULT_HEADERS,
+        candidate: CandidateRules | None = None,
     ) -> Verdict:
-        """Decide one request; ``headers`` is the route's choice of header families."""
+        """Decide one request; ``headers`` is the route's choice of header families;
+        ``candidate``, what-if rules decided beside the live ones (never the answer)."""
         pending: list[_Pending] = []
         ip: str | None = None
         now = self.clock()
@@ -241,50 +335,51 @@ class Limiter:
                 continue
             if ip is None:
                 ip = client_ip(peer, request.headers, config.clients.trusted_proxies)
-            client = identify(rule.key, request, ip, route)
-            if client is None:
-                policy = config.clients.on_missing_key
-                if policy == "allow":
-                    continue
-                if policy == "deny":
-                    return Verdict(
-                        403,
-                        {
-                            "error": "client_not_identified",
-                            "rule": rule.name,
-                            "message": f"rule {rule.name} needs {rule.key}",
-                        },
-                    )
-                client = "anonymous"
-            cost = rule.cost
-            if rule.cost_header is not None:
-                raw = request.headers.get(rule.cost_header)
-                if raw is not None:
-                    if not raw.isdigit() or int(raw) < 1:
-                        return Verdict(
-                            400,
-                            {
-                                "error": "bad_cost",
-                                "rule": rule.name,
-                                "message": f"{rule.cost_header} must be a positive integer",
-                            },
-                        )
-                    cost = int(raw)
+            found = _client_and_cost(rule, config, request, ip, route)
+            if found is None:
+                continue
+            if isinstance(found, Verdict):
+                return found
+            client, cost = found
             if not rule.shadow and self.deny_cache:
                 cached = self.deny_cache.get((rule.name, client, cost))
                 if cached is not None:
                     if cached[0] > now:
+                        if candidate is not None:  # no store call: the candidate is not asked
+                            self._whatif_requests("rejected", "not_evaluated").inc()
                         return self._cached_denial(plan, client, cached, now, headers, route)
                     del self.deny_cache[(rule.name, client, cost)]
             pending.append(_Pending(plan, client, cost, _checks(plan, client, cost)))
-        if not pending:
-            return ALLOW
-        return await self._decide(pending, headers, route)
+        if candidate is None:
+            if not pending:
+                return ALLOW
+            return await self._decide(pending, headers, route)
+        if ip is None:
+            ip = client_ip(peer, request.headers, candidate.config.clients.trusted_proxies)
+        shadow = _candidate_pending(candidate, request, ip)
+        if shadow is None:  # the candidate would answer 400/403: no comparison for it
+            verdict = await self._decide(pending, headers, route) if pending else Verdict()
+            live = "allowed" if verdict.status is None else "rejected"
+            self._whatif_requests(live, "not_evaluated").inc()
+            return verdict
+        return await self._decide(pending, headers, route, (candidate, shadow))
 
-    async def _decide(self, pending: list[_Pending], headers: HeaderPolicy, route: str) -> Verdict:
-        checks = pending[0].checks if len(pending) == 1 else [c for p in pending for c in p.checks]
+    async def _decide(
+        self,
+        pending: list[_Pending],
+        headers: HeaderPolicy,
+        route: str,
+        shadow: tuple[CandidateRules, list[_Pending]] | None = None,
+    ) -> Verdict:
+        if shadow is None:
+            checks = (
+                pending[0].checks if len(pending) == 1 else [c for p in pending for c in p.checks]
+            )
+        else:
+            checks = [c for p in pending for c in p.checks]
+            checks += [c for p in shadow[1] for c in p.checks]
         outcomes: list[Outcome] | None = None
-        if self.breaker.allow():
+        if checks and self.breaker.allow():
             started = time.perf_counter()
             try:
                 outcomes = await self.store.decide(checks)
@@ -297,9 +392,50 @@ class Limiter:
                 self.storage_calls += 1
                 self._latency.observe(time.perf_counter() - started)
                 self.breaker.success()
-        if outcomes is None:
-            return self._degraded(pending, headers, route)
-        return self._verdict(pending, outcomes, headers, route)
+        if shadow is None:
+            if outcomes is None:
+                return self._degraded(pending, headers, route)
+            return self._verdict(pending, outcomes, headers, route)
+        n = sum(len(p.checks) for p in pending)
+        if outcomes is None and checks:
+            verdict = self._degraded(pending, headers, route) if pending else Verdict()
+            live = "allowed" if verdict.status is None else "rejected"
+            self._whatif_requests(live, "not_evaluated").inc()
+            return verdict
+        outcomes = outcomes or []
+        verdict = self._verdict(pending, outcomes[:n], headers, route) if pending else Verdict()
+        self._whatif(shadow[0], shadow[1], outcomes[n:], verdict)
+        return verdict
+
+    def _whatif(
+        self,
+        candidate: CandidateRules,
+        pending: list[_Pending],
+        outcomes: list[Outcome],
+        verdict: Verdict,
+    ) -> None:
+        """Count the candidate's decisions and the request's live-vs-candidate answer."""
+        live = "allowed" if verdict.status is None else "rejected"
+        admitted = True
+        i = 0
+        for p in pending:
+            n = len(p.checks)
+            allowed = all(o.allowed for o in outcomes[i : i + n])
+            i += n
+            name = p.plan.rule.name
+            own = candidate.config.limits[name]
+            if allowed:
+                result = "allowed"
+            elif own.shadow:
+                result = "shadow_rejected"
+            else:
+                result = "rejected"
+                admitted = False
+                if live == "allowed":
+                    for callback in self.on_candidate_reject:
+                        callback(name, p.client)
+            self._whatif_decisions(name, result).inc()
+        self._whatif_requests(live, "allowed" if admitted else "rejected").inc()
 
     def _storage_failed(self, exc: StorageError) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"

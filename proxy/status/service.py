@@ -32,6 +32,7 @@ log = logging.getLogger("sluice.status")
 RESULTS = ("allowed", "rejected", "shadow_rejected", "degraded")
 PANEL_TIMEOUT = 1.5
 RATE_WINDOW = 60.0  # seconds the panels' rates and p99 are computed over
+WHATIF_WINDOW = 300.0  # seconds the what-if comparison covers
 
 
 class StatusService:
@@ -62,6 +63,7 @@ class StatusService:
     def start(self) -> None:
         if not self._hooked:
             self.runtime.limiter.on_reject.append(self.rejected)
+            self.runtime.limiter.on_candidate_reject.append(self.candidate_rejected)
             self._hooked = True
         if self._task is None:
             self.sample()
@@ -77,6 +79,7 @@ class StatusService:
     async def close(self) -> None:
         if self._hooked:
             self.runtime.limiter.on_reject.remove(self.rejected)
+            self.runtime.limiter.on_candidate_reject.remove(self.candidate_rejected)
             self._hooked = False
         if self._task is not None:
             self._task.cancel()
@@ -137,17 +140,31 @@ class StatusService:
         rates = self.ring.rates(keys)
         for rule in config.limits:
             rules[rule] = {res: _rounded(rates[("decisions", rule, res)]) for res in RESULTS}
-        return {
+        out: dict[str, Any] = {
             "interval": self.interval,
             "times": [round(t, 3) for t in self.ring.times()],
             "rules": rules,
         }
+        candidate = self.runtime.snapshot.candidate
+        if candidate is not None and candidate.config is not None:
+            names = list(candidate.config.limits)
+            keys = [("whatif", r, res) for r in names for res in RESULTS]
+            rates = self.ring.rates(keys)
+            out["whatif"] = {
+                "rules": {
+                    r: {res: _rounded(rates[("whatif", r, res)]) for res in RESULTS} for r in names
+                }
+            }
+        return out
 
     async def status(self) -> dict[str, Any]:
         config = self.runtime.snapshot.config
         span, grown = self.ring.increase(RATE_WINDOW)
-        clients, links, webhooks = await asyncio.gather(
-            _panel(self._clients()), _panel(self._links()), _panel(self._webhooks())
+        clients, links, webhooks, whatif = await asyncio.gather(
+            _panel(self._clients()),
+            _panel(self._links()),
+            _panel(self._webhooks()),
+            self._whatif(),
         )
         return {
             "generated_at": round(self.clock(), 3),
@@ -158,6 +175,28 @@ class StatusService:
             "clients": clients,
             "links": links,
             "webhooks": webhooks,
+            "whatif": whatif,
+        }
+
+    async def _whatif(self) -> dict[str, Any]:
+        """The candidate against the live rules over the last ``WHATIF_WINDOW`` seconds."""
+        candidate = self.runtime.snapshot.candidate
+        if candidate is None:
+            return {"enabled": False}
+        out: dict[str, Any] = {"enabled": True, **candidate.describe()}
+        if candidate.config is None:
+            out["summary"] = "The candidate file failed to load and is ignored."
+            return out
+        span, grown = self.ring.increase(WHATIF_WINDOW)
+        out.update(compare(grown, span))
+        out["decisions"] = _decisions(candidate.config.limits, span, grown, "whatif")
+        out["clients"] = await _panel(self._candidate_clients())
+        return out
+
+    async def _candidate_clients(self) -> dict[str, Any]:
+        top = await self.board.top("candidate", window_minutes("5m", self.clock()), TOP_LIMIT)
+        return {
+            "5m": [{"rule": t.rule, "client": t.client, "rejections": t.rejections} for t in top]
         }
 
     def _config(self) -> dict[str, Any]:
@@ -240,11 +279,53 @@ def _rounded(values: list[float]) -> list[float]:
     return [round(v, 3) for v in values]
 
 
-def _decisions(rules: Any, span: float, grown: dict[Key, float]) -> dict[str, Any]:
+def compare(grown: dict[Key, float], span: float) -> dict[str, Any]:
+    """The what-if summary from ``("whatif_requests", live, candidate)`` increases."""
+
+    def n(live: str, cand: str) -> int:
+        return round(grown.get(("whatif_requests", live, cand), 0.0))
+
+    evaluated = sum(n(lv, c) for lv in ("allowed", "rejected") for c in ("allowed", "rejected"))
+    live_rejected = n("rejected", "allowed") + n("rejected", "rejected")
+    cand_rejected = n("allowed", "rejected") + n("rejected", "rejected")
+    more, fewer = n("allowed", "rejected"), n("rejected", "allowed")
+    skipped = n("allowed", "not_evaluated") + n("rejected", "not_evaluated")
+
+    def pct(x: int) -> float:
+        return round(100.0 * x / evaluated, 2) if evaluated else 0.0
+
+    minutes = max(1, round(span / 60))
+    if not evaluated:
+        summary = "No request has been evaluated against the candidate yet."
+    else:
+        summary = (
+            f"With the candidate, {pct(cand_rejected)}% of requests would be rejected "
+            f"instead of {pct(live_rejected)}%: {pct(more)}% more "
+            f"({more} requests the live rules let through in the last {minutes} min)"
+        )
+        summary += f" and {fewer} fewer." if fewer else "."
+    return {
+        "window_seconds": round(span, 3),
+        "evaluated": evaluated,
+        "not_evaluated": skipped,
+        "live_rejected": live_rejected,
+        "candidate_rejected": cand_rejected,
+        "more_rejected": more,
+        "fewer_rejected": fewer,
+        "live_rejected_pct": pct(live_rejected),
+        "candidate_rejected_pct": pct(cand_rejected),
+        "more_rejected_pct": pct(more),
+        "summary": summary,
+    }
+
+
+def _decisions(
+    rules: Any, span: float, grown: dict[Key, float], kind: str = "decisions"
+) -> dict[str, Any]:
     """Per rule: each result per second over the window, and ``counts`` in it."""
     per_rule: dict[str, Any] = {}
     for rule in rules:
-        counts = {res: round(grown.get(("decisions", rule, res), 0.0)) for res in RESULTS}
+        counts = {res: round(grown.get((kind, rule, res), 0.0)) for res in RESULTS}
         per_rule[rule] = {res: _per_second(n, span) for res, n in counts.items()}
         per_rule[rule]["counts"] = counts
     return {"window_seconds": round(span, 3), "rules": per_rule}

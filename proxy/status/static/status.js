@@ -196,7 +196,9 @@ function renderWhatif(whatif, series) {
     chart(`${rule} (candidate)`, { allowed: bySeries.allowed || [], rejected: bySeries.rejected || [] },
       series.times, `whatif-chart-${rule}`));
   $("whatif-charts").replaceChildren(...charts);
-  if (whatif.clients && !whatif.clients.error) fillRows("whatif-clients", clientRows(whatif.clients, "rejections"));
+  if (whatif.clients && !whatif.clients.error) {
+    fillRows("whatif-clients", clientRows(whatif.clients["5m"], "rejections"));
+  }
 }
 
 async function refresh() {
