@@ -35,7 +35,7 @@ _ROUTES: tuple[tuple[str, str, str, str, bool, tuple[dict[str, Any], ...], bool]
     ("GET", PREFIX + "/{name}", "getWebhook", "One subscription's status", False, (_NAME,), False),
     (
         "GET",
-        PREFIX + "/{name}/dead-letters",
+        PREFIX + "/{name}/dead",
         "listDeadLetters",
         "Events that exhausted their retries (paged by event id)",
         False,
@@ -53,7 +53,7 @@ _ROUTES: tuple[tuple[str, str, str, str, bool, tuple[dict[str, Any], ...], bool]
     ),
     (
         "POST",
-        PREFIX + "/{name}/replay",
+        PREFIX + "/{name}/dead:replay",
         "replayDeadLetters",
         'Queue dead letters again: {"ids": [...]} or {} for all',
         True,
@@ -83,6 +83,16 @@ _ROUTES: tuple[tuple[str, str, str, str, bool, tuple[dict[str, Any], ...], bool]
         PREFIX + "/{name}/ping",
         "pingWebhook",
         "Queue a ping event for this subscription only",
+        True,
+        (_NAME,),
+        False,
+    ),
+    (
+        "POST",
+        PREFIX + "/{name}:test",
+        "testWebhook",
+        "Send a ping event to this subscription now and return the receiver's answer "
+        "(id, delivered, outcome, status, error, elapsed_ms); nothing is queued",
         True,
         (_NAME,),
         False,

@@ -64,13 +64,13 @@ async def test_status_and_auth(client: Client) -> None:
     assert status["name"] == "ops" and status["depth"] == 0 and status["disabled"] is False
     missing = await client.get("/api/webhooks/nope", headers=WRITE)
     assert missing.status == 404 and (await missing.json())["error"] == "unknown_webhook"
-    readonly = await client.post("/api/webhooks/ops/replay", headers={"X-Scope": "read"})
+    readonly = await client.post("/api/webhooks/ops/dead:replay", headers={"X-Scope": "read"})
     assert readonly.status == 403
 
 
 async def test_dead_letters_are_paged_and_replayed(client: Client, notifier: Notifier) -> None:
     ids = await bury(notifier, 5)
-    url = "/api/webhooks/ops/dead-letters"
+    url = "/api/webhooks/ops/dead"
     first = await (await client.get(url, params={"limit": "3"}, headers=WRITE)).json()
     assert [i["id"] for i in first["items"]] == ids[:3] and first["next"] == ids[2]
     assert first["items"][0]["reason"] == "HTTP 404"
@@ -78,11 +78,13 @@ async def test_dead_letters_are_paged_and_replayed(client: Client, notifier: Not
     rest = await (await client.get(url, params={"after": ids[2]}, headers=WRITE)).json()
     assert [i["id"] for i in rest["items"]] == ids[3:] and rest["next"] is None
     assert (await client.get(url, params={"limit": "0"}, headers=WRITE)).status == 400
-    replay = await client.post("/api/webhooks/ops/replay", json={"ids": ids[:2]}, headers=WRITE)
+    replay = await client.post(
+        "/api/webhooks/ops/dead:replay", json={"ids": ids[:2]}, headers=WRITE
+    )
     assert await replay.json() == {"replayed": 2}
-    bad = await client.post("/api/webhooks/ops/replay", json={"ids": "all"}, headers=WRITE)
+    bad = await client.post("/api/webhooks/ops/dead:replay", json={"ids": "all"}, headers=WRITE)
     assert bad.status == 400
-    everything = await client.post("/api/webhooks/ops/replay", headers=WRITE)
+    everything = await client.post("/api/webhooks/ops/dead:replay", headers=WRITE)
     assert await everything.json() == {"replayed": 3}
     status = await (await client.get("/api/webhooks/ops", headers=WRITE)).json()
     assert status["dead_letters"] == 0 and status["depth"] == 5

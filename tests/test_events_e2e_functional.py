@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.inproc import Sluice, running, write_rules
 from tests.test_events_support import SECRET, Receiver
@@ -117,3 +118,33 @@ async def test_events_survive_a_restart_while_the_receiver_is_down(
             ),
             within=15,
         )
+
+
+async def test_test_sends_a_ping_now_and_returns_the_answer(
+    sluice: Sluice, receiver: Receiver
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(sluice.admin_url + "/api/webhooks/ops:test", headers=auth) as r:
+            assert r.status == 200
+            answer = await r.json()
+        assert answer["delivered"] is True and answer["status"] == 204
+        assert answer["outcome"] == "delivered" and answer["error"] is None
+        assert answer["url"] == receiver.url and answer["elapsed_ms"] > 0
+        (got,) = receiver.requests  # arrived at once, signed (the receiver verifies)
+        assert got.msg_id == answer["id"] and got.body["type"] == "ping"
+        assert receiver.bad_signatures == 0
+
+        receiver.behaviour = lambda n, msg_id: web.Response(status=503, text="down for a bit")
+        async with http.post(sluice.admin_url + "/api/webhooks/ops:test", headers=auth) as r:
+            failed = await r.json()
+        assert failed["delivered"] is False and failed["status"] == 503
+        assert "down for a bit" in failed["error"]
+        async with http.get(sluice.admin_url + "/api/webhooks/ops", headers=auth) as r:
+            status = await r.json()
+        assert status["depth"] == 0 and status["consecutive_failures"] == 0  # nothing queued
+
+        async with http.post(sluice.admin_url + "/api/webhooks/nope:test", headers=auth) as r:
+            assert r.status == 404
+        async with http.post(sluice.admin_url + "/api/webhooks/ops:test") as r:
+            assert r.status == 401

@@ -318,7 +318,7 @@ async def test_openapi_document_matches_the_routes(client: Client) -> None:
     }
     documented = {(method.upper(), path) for path, item in doc["paths"].items() for method in item}
     assert routes == documented
-    assert len(routes) == 19  # 10 links routes, 7 webhook routes, 2 status routes
+    assert len(routes) == 20  # 10 links routes, 8 webhook routes, 2 status routes
     for path, item in doc["paths"].items():
         for method, operation in item.items():
             statuses = set(operation["responses"])

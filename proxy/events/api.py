@@ -2,11 +2,12 @@
 
     GET  /api/webhooks                         status of every subscription     (read)
     GET  /api/webhooks/{name}                  status of one                    (read)
-    GET  /api/webhooks/{name}/dead-letters     ?after=<event id>&limit=1..1000  (read)
-    POST /api/webhooks/{name}/replay           {"ids": [...]} or {} for all     (write)
+    GET  /api/webhooks/{name}/dead             ?after=<event id>&limit=1..1000  (read)
+    POST /api/webhooks/{name}/dead:replay      {"ids": [...]} or {} for all     (write)
     POST /api/webhooks/{name}/disable          {"reason": "..."} optional       (write)
     POST /api/webhooks/{name}/enable                                            (write)
     POST /api/webhooks/{name}/ping             queue a ping for this one only   (write)
+    POST /api/webhooks/{name}:test             send a ping now, return the answer (write)
 
 ``guard(request, scope)`` is the admin app's authorisation (it raises the
 401/403 itself); ``notifier_of(request)`` finds the running ``Notifier``.
@@ -107,6 +108,11 @@ async def _ping(request: web.Request, notifier: Notifier) -> web.StreamResponse:
     return json_reply(202, {"id": event_id})
 
 
+async def _test(request: web.Request, notifier: Notifier) -> web.StreamResponse:
+    result = await notifier.test(request.match_info["name"])
+    return json_reply(200, result)
+
+
 def routes(
     notifier_of: Callable[[web.Request], Notifier | None],
     guard: Guard,
@@ -131,9 +137,10 @@ def routes(
     return [
         web.get(prefix, wrap("read", _list)),
         web.get(prefix + "/{name}", wrap("read", _one)),
-        web.get(prefix + "/{name}/dead-letters", wrap("read", _dead)),
-        web.post(prefix + "/{name}/replay", wrap("write", _replay)),
+        web.get(prefix + "/{name}/dead", wrap("read", _dead)),
+        web.post(prefix + "/{name}/dead:replay", wrap("write", _replay)),
         web.post(prefix + "/{name}/disable", wrap("write", _disable)),
         web.post(prefix + "/{name}/enable", wrap("write", _enable)),
         web.post(prefix + "/{name}/ping", wrap("write", _ping)),
+        web.post(prefix + "/{name:[^/:]+}:test", wrap("write", _test)),
     ]

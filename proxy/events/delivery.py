@@ -34,7 +34,7 @@ import aiohttp
 from proxy.errors import StorageError
 from proxy.events.clock import SYSTEM_CLOCK, Clock
 from proxy.events.metrics import EventMetrics
-from proxy.events.model import iso
+from proxy.events.model import Event, iso
 from proxy.events.outbox import DeadLetter, Delivery, Outbox
 from proxy.events.policy import Outcome, TokenBucket, Verdict, backoff
 from proxy.events.sender import BODY_LIMIT, Sender, new_session
@@ -300,6 +300,24 @@ class DeliveryWorker:
             self.metrics.deliveries.labels(hook.name, outcome.verdict.value).inc()
             if outcome.verdict is Verdict.DELIVERED:
                 self.metrics.delivered_events.labels(hook.name).inc(len(delivery.events))
+
+    async def test(self, hook: WebhookSettings, event: Event) -> dict[str, Any]:
+        """POST ``event`` to ``hook`` as a delivery would (signed, formatted, batched
+        shape), now; report the answer without settling anything."""
+        assert self._sender is not None, "start() the worker first"
+        body = delivery_body([event], hook.batched, hook.format, hook.templates)
+        msg_id = delivery_id([event], hook.batched)
+        started = time.perf_counter()
+        outcome = await self._sender.post(hook, msg_id, body)
+        return {
+            "id": msg_id,
+            "url": hook.url,
+            "delivered": outcome.verdict is Verdict.DELIVERED,
+            "outcome": outcome.verdict.value,
+            "status": outcome.status,
+            "error": outcome.error or None,
+            "elapsed_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
 
     async def _settle(self, sub: _Sub, d: Delivery, msg_id: str, outcome: Outcome) -> None:
         name, retry = sub.hook.name, sub.hook.retry

@@ -125,6 +125,13 @@ class Notifier:
     async def set_disabled(self, name: str, disabled: bool, reason: str | None = None) -> None:
         await self.worker.set_disabled(name, disabled, reason)
 
+    async def test(self, name: str, message: str = "test from Sluice") -> dict[str, Any]:
+        """Send a ``ping`` to one subscription now, outside the outbox (nothing queued,
+        nothing retried, its failure counters untouched); the receiver's answer."""
+        hook = self.worker.hook(name)  # KeyError for an unknown name
+        event = Event.create("ping", {"message": message}, self.clock.time())
+        return await self.worker.test(hook, event)
+
     async def ping(self, name: str, message: str = "test from Sluice") -> str:
         """Queue a ``ping`` for one subscription only (whatever its filters); its id."""
         self.worker.hook(name)  # KeyError for an unknown name
