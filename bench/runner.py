@@ -95,6 +95,9 @@ class Plan:
 
 
 def rotated(names: Sequence[str], round_index: int) -> list[str]:
+    """``names`` started at a different one each round (a load with none: none)."""
+    if not names:
+        return []
     shift = round_index % len(names)
     return [*names[shift:], *names[:shift]]
 

@@ -120,6 +120,17 @@ async def test_every_panel_shows_the_traffic(
 
         shot = await page.screenshot(artifacts_dir / "status-page.png")
         assert shot.stat().st_size > 10_000
+
+        # a broken edit of rules.yaml: the page shows the reload error, the old config serves
+        s.path.write_text(s.path.read_text() + "\nlimits: oops\n")
+        assert not s.runtime.reload()
+        await page.wait_for(
+            "document.getElementById('config-reload').textContent.startsWith('failed')",
+            timeout=10,
+        )
+        reload = await page.evaluate("document.getElementById('config-reload').textContent")
+        assert f"{s.path}:" in reload and "limits" in reload
+        assert await page.evaluate("document.getElementById('config-sha').textContent") == sha[:12]
         assert page.errors == []
 
 

@@ -2,9 +2,11 @@
 
 Redis: one sorted set per (board, minute), ``sl:{sl-status}:rej:<board>:<minute>``,
 member ``rule<TAB>client``; every key carries the ``{sl-status}`` hash tag so a
-window's buckets share one Cluster slot and are summed by one script
-(``ZUNIONSTORE`` into a scratch key that the same script deletes). Buckets
-expire after ``BUCKET_TTL`` and keep their ``BUCKET_CAP`` largest members.
+window's buckets share one Cluster slot and can be summed by ``ZUNIONSTORE``
+(into a scratch key of the caller's own, given a short TTL and deleted after
+reading). Buckets expire after ``BUCKET_TTL`` and keep their ``BUCKET_CAP``
+largest members. Plain pipelined commands, no script: ``EVALSHA`` on the
+server stays the rate limiter's alone, so counting it counts decisions.
 
 SQLite (``memory://``): ``<data_dir>/status.sqlite3``, one row per (board,
 minute, rule, client), upserted; rows older than the longest window are
@@ -16,10 +18,10 @@ WAL plus ``BEGIN IMMEDIATE`` let every worker share it.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -34,10 +36,11 @@ from proxy.status.clients import (
     ranked,
     split_member,
 )
-from proxy.storage.redis_client import RedisBackend, open_redis, script_sha
+from proxy.storage.redis_client import RedisBackend, open_redis
 
 T = TypeVar("T")
 FILENAME = "status.sqlite3"
+SCRATCH_TTL = 60  # a scratch union left behind (the connection died mid-read) goes away
 Counts = Mapping[tuple[str, str], int]
 
 
@@ -55,13 +58,12 @@ class ClientBoard(Protocol):
     async def close(self) -> None: ...
 
 
-def _script(name: str) -> tuple[bytes, str]:
-    body = (files("proxy.status") / "lua" / f"{name}.lua").read_bytes()
-    return body, script_sha(body)
-
-
-ADD = _script("board_add")
-TOP = _script("board_top")
+async def _all(calls: Sequence[Awaitable[Any]]) -> None:
+    """Send every call at once (pipelined), wait for all, raise the first error."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 class RedisClientBoard:
@@ -78,16 +80,30 @@ class RedisClientBoard:
     async def add(self, board: str, minute: int, counts: Counts) -> None:
         if not counts:
             return
-        args: list[str | int] = [BUCKET_TTL, BUCKET_CAP]
-        for (rule, client), n in counts.items():
-            args += [member(rule, client), n]
-        script, sha = ADD
-        await self.backend.evalsha(script, sha, [self.bucket(board, minute)], args)
+        bucket = self.bucket(board, minute)
+        run = self.backend.execute
+        calls = [
+            run("ZINCRBY", bucket, n, member(rule, client), key=bucket)
+            for (rule, client), n in counts.items()
+        ]
+        calls.append(run("EXPIRE", bucket, BUCKET_TTL, key=bucket))
+        calls.append(run("ZREMRANGEBYRANK", bucket, 0, -(BUCKET_CAP + 1), key=bucket))
+        await _all(calls)
 
     async def top(self, board: str, minutes: Sequence[int], limit: int) -> list[TopClient]:
-        keys = [f"{self.prefix}:rej:scratch", *(self.bucket(board, m) for m in minutes)]
-        script, sha = TOP
-        reply = await self.backend.evalsha(script, sha, keys, [limit])
+        keys = [self.bucket(board, m) for m in minutes]
+        scratch = f"{self.prefix}:rej:scratch:{secrets.token_hex(8)}"
+        run = self.backend.execute
+        await _all(
+            [
+                run("ZUNIONSTORE", scratch, len(keys), *keys, key=scratch),
+                run("EXPIRE", scratch, SCRATCH_TTL, key=scratch),
+            ]
+        )
+        try:
+            reply = await run("ZREVRANGE", scratch, 0, limit - 1, "WITHSCORES", key=scratch)
+        finally:
+            await run("DEL", scratch, key=scratch)
         counts: dict[tuple[str, str], float] = {}
         for i in range(0, len(reply), 2):
             counts[split_member(reply[i].decode())] = float(reply[i + 1])
