@@ -226,8 +226,12 @@ async def test_pending_events_are_delivered_after_a_restart(
     make_outbox: OutboxFactory, receiver: Receiver, running: Running
 ) -> None:
     down = Receiver()  # the first instance only ever meets a dead receiver
+    # A short lease: an attempt in flight when it stops (the dead receiver times out
+    # after 0.3 s) keeps its claim only that long, not the default's minute.
     first = await running.start(
-        notifications(hook(down.url, schedule=(0.05,) * 100, timeout=0.3)), make_outbox()
+        notifications(hook(down.url, schedule=(0.05,) * 100, timeout=0.3)),
+        make_outbox(),
+        lease=0.3,
     )
     for i in range(25):
         first.emit("link.created", link(i))
