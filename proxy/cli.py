@@ -94,7 +94,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 continue
             from proxy.diff import diff
 
-            changes = [c for c in diff(config, candidate) if c[2:].startswith(("limits", "routes"))]
+            used = ("limits", "routes", "redirects.limits")  # what of the candidate is used
+            changes = [c for c in diff(config, candidate) if c[2:].startswith(used)]
             print(f"candidate {config.candidate} (its limits evaluated in shadow):")
             for line in changes or ["no change to routes or limits"]:
                 print(f"  {line}")

@@ -153,7 +153,7 @@ class Metrics:
             "sluice_storage_breaker_open",
             "1 while the storage circuit breaker is open.",
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",  # a dead worker's open breaker does not linger
         )
         self.deny_cache_hits = Counter(
             "sluice_ratelimit_deny_cache_hits",

@@ -156,6 +156,7 @@ class Runtime:
             log.error(
                 "reload of %s failed; the last good config keeps serving:\n%s", self.path, exc
             )
+            self._reload_candidate()  # an edited candidate is still taken (and not retried)
             return False
         old = self.snapshot
         if new.source.sha256 == old.config.source.sha256:

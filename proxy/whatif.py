@@ -6,15 +6,24 @@ routes (to find which candidate rules apply to a request), the redirect
 prefix's ``limits`` and the ``limits`` themselves. Its listeners, storage,
 upstreams and notifications are not used.
 
-Per request, the candidate's rules go into the same store call as the live
-ones (one round trip on Redis) as shadow checks under keys of their own
-(``sl:{client}:c:…``, so a candidate rule that equals a live one does not share
-its counters). Like every shadow rule they never change the answer, and they
-are charged only for requests the live rules let through: the comparison is
-exact for "of the traffic admitted today, how much would the candidate
-reject", which is what a rollout risks. A request the live deny cache answers
-makes no store call, so the candidate is not evaluated for it
-(``candidate="not_evaluated"``).
+Every request that reaches the limiting step (a matched route, or a short
+link) is compared; the candidate's rules for it go into the same store call
+as the live ones (one round trip on Redis) as shadow checks under keys of
+their own (``sl:{client}:c:…``, so a candidate rule that equals a live one
+does not share its counters). Like every shadow rule they never change the
+answer, and they are charged only for requests the live rules let through:
+"how many requests the live rules admit would the candidate reject" is
+exact, over all compared requests. What a looser candidate would let through
+is only a lower bound: a request the live deny cache answers makes no store
+call, so the candidate is not asked (``candidate="not_evaluated"``), and
+candidate counters are not charged for what the live rules refuse.
+
+On Redis Cluster, candidate checks on another slot than every live check of
+the request (a candidate rule keyed on another identity) are decided in a
+second call after the live answer, only for requests the live rules admit;
+if that call fails the request is ``not_evaluated``. The live call never
+carries a check on a slot of its own for the candidate, so the candidate
+cannot split or fail it.
 
 A candidate that fails to load is reported (status page, ``/readyz``, log)
 and ignored; the live config keeps serving unchanged.
@@ -54,19 +63,20 @@ class Candidate:
     def for_route(
         self, method: str, path: str, host: str, headers: HeaderLookup
     ) -> CandidateRules | None:
-        """The candidate rules for a proxied or decided request, None if none apply."""
+        """The candidate rules for a proxied or decided request (none may apply: the
+        request still counts, as one the candidate would let through)."""
         if self.config is None or self.router is None:
             return None
         route = self.router.route_for(method, path, host, headers)
-        if route is None or not route.limits:
-            return None
+        if route is None:
+            return CandidateRules(self.config, self.plans, (), "none")
         return CandidateRules(self.config, self.plans, route.limits, route.name)
 
     def for_redirects(self) -> CandidateRules | None:
-        if self.config is None or self.config.redirects is None:
+        if self.config is None:
             return None
-        names = self.config.redirects.limits
-        return CandidateRules(self.config, self.plans, names, REDIRECT_ROUTE) if names else None
+        names = self.config.redirects.limits if self.config.redirects is not None else ()
+        return CandidateRules(self.config, self.plans, names, REDIRECT_ROUTE)
 
     def describe(self) -> dict[str, object]:
         cfg = self.config

@@ -29,15 +29,6 @@ async def board(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await store.close()
 
 
-@pytest.fixture(params=["redis", "cluster"])
-async def redis_board(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[RedisClientBoard]:
-    store = _redis_board(request, request.param, tmp_path.name)
-    yield store
-    await store.close()
-
-
 async def test_minutes_add_up_per_window_and_board(board: ClientBoard) -> None:
     await board.add("live", 100, {("r", "a"): 3, ("r", "b"): 1})
     await board.add("live", 100, {("r", "a"): 2})
@@ -55,10 +46,9 @@ async def test_minutes_add_up_per_window_and_board(board: ClientBoard) -> None:
     assert await board.add("live", 101, {}) is None
 
 
-async def test_a_redis_bucket_keeps_its_largest_members(
-    redis_board: RedisClientBoard, monkeypatch: pytest.MonkeyPatch
+async def test_a_bucket_keeps_its_largest_members(
+    board: ClientBoard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    board = redis_board
     monkeypatch.setattr("proxy.status.boards.BUCKET_CAP", 3)
     await board.add("live", 5, {("r", f"c{i}"): i + 1 for i in range(6)})
     top = await board.top("live", [5], 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -266,20 +267,25 @@ async def test_two_workers_show_the_instance_totals(
                 async with http.get(proc.url(f"/api/x{i}"), headers={"X-Key": f"k{i % 4}"}) as r:
                     await r.read()
 
+            answered_by: set[int] = set()
+
             async def all_counted() -> bool:
                 answers = [await fetch(http, proc.admin_url("/api/status"), AUTH) for _ in range(4)]
-                return all(
+                answered_by.update(body["instance"]["pid"] for _, body in answers)
+                counted = all(
                     sum(body["decisions"]["rules"]["small"]["counts"].values()) == 40
                     for _, body in answers
                 )
+                return counted and len(answered_by) == 2  # until both workers answered
 
             await until(all_counted, within=15)
             _, series = await fetch(http, proc.admin_url("/api/status/series"), AUTH)
+        assert answered_by == set(proc.children())  # each worker answered with the totals
         points = series["rules"]["small"]
-        pairs = zip(points["allowed"], points["rejected"], strict=True)
-        total = sum((a + r) * series["interval"] for a, r in pairs)
-        assert total == pytest.approx(40, rel=0.2)  # rates times the nominal interval
-        pids = {p.stem for d in proc.metrics_dirs() for p in d.glob("counter_*.db")}
-        assert len(pids) == 2  # the traffic really spanned both workers
+        edges = [series["start"], *series["times"]]
+        spans = [b - a for a, b in itertools.pairwise(edges)]
+        pairs = zip(points["allowed"], points["rejected"], spans, strict=True)
+        total = sum((a + r) * dt for a, r, dt in pairs)
+        assert total == pytest.approx(40, abs=0.5)  # the series adds up to the traffic
     finally:
         await asyncio.to_thread(processes.stop_all)

@@ -13,6 +13,7 @@ from proxy.limits.identity import masked
 from tests.inproc import Sluice, running, write_rules
 from tests.proc import REPO
 from tests.servers import RedisServer, redis_cli
+from tests.topologies import RedisClusterSetup
 
 TOKEN = "whatif-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -113,10 +114,15 @@ async def test_a_stricter_candidate_shows_what_it_would_reject(
     whatif = body["whatif"]
     assert whatif["enabled"] and whatif["ok"] and whatif["error"] is None
     assert whatif["path"] == str(tmp_path / "next.yaml")
-    assert (whatif["evaluated"], whatif["more_rejected"], whatif["fewer_rejected"]) == (5, 2, 0)
-    assert whatif["live_rejected_pct"] == 20.0 and whatif["candidate_rejected_pct"] == 60.0
-    assert whatif["summary"].startswith(
-        "With the candidate, 60.0% of requests would be rejected instead of 20.0%: 40.0% more"
+    assert (whatif["compared"], whatif["more_rejected"], whatif["fewer_rejected_at_least"]) == (
+        5,
+        2,
+        0,
+    )
+    assert whatif["live_rejected_pct"] == 20.0 and whatif["more_rejected_pct"] == 40.0
+    assert whatif["summary"] == (
+        "With the candidate, 40.0% more requests would be rejected (2 of 5 in the last 1 min,"
+        " all admitted by the live rules, which reject 20.0%)."
     )
     counts = whatif["decisions"]["rules"]["per_key"]["counts"]
     assert counts["allowed"] == 2 and counts["rejected"] == 3
@@ -135,9 +141,55 @@ async def test_candidate_counters_are_its_own(tmp_path: Path) -> None:
     write_candidate(tmp_path, limit=3)
     async with running(live_rules(tmp_path, "memory://")) as s:
         assert await send(s, "carol", 5) == [200, 200, 200, 429, 429]
-        assert whatif_requests(s)[("allowed", "allowed")] == 3
-        # the last two were answered from the live deny cache: no store call at all
-        assert whatif_requests(s)[("rejected", "not_evaluated")] == 1
+        assert whatif_requests(s) == {
+            ("allowed", "allowed"): 3,
+            ("rejected", "rejected"): 1,
+            # the last was answered from the live deny cache: no store call at all
+            ("rejected", "not_evaluated"): 1,
+        }
+        whatif = (await status(s))["whatif"]
+        assert (whatif["compared"], whatif["more_rejected"], whatif["live_rejected_pct"]) == (
+            5,
+            0,
+            40.0,
+        )
+
+
+async def test_a_looser_candidate_counts_every_request(tmp_path: Path) -> None:
+    """A candidate without limits on a route still compares its requests (all would
+    pass); the denominator is every compared request, deny-cached ones included."""
+    write_candidate(tmp_path, body="routes:\n  - {{name: all, kind: decide, match: {{}}}}\n")
+    async with running(live_rules(tmp_path, "memory://")) as s:
+        assert await send(s, "gina", 6) == [200] * 3 + [429] * 3
+        assert whatif_requests(s) == {
+            ("allowed", "allowed"): 3,
+            ("rejected", "allowed"): 1,  # the store said no; the candidate has no rule here
+            ("rejected", "not_evaluated"): 2,  # deny cache
+        }
+        whatif = (await status(s))["whatif"]
+        assert whatif["compared"] == 6 and whatif["live_rejected_pct"] == 50.0
+        assert whatif["more_rejected"] == 0 and whatif["fewer_rejected_at_least"] == 1
+        assert whatif["summary"].endswith("which reject 50.0%); at least 1 they reject would pass.")
+
+
+async def test_on_cluster_a_candidate_on_another_slot_is_decided_apart(
+    tmp_path: Path, redis_cluster: RedisClusterSetup
+) -> None:
+    """Live per-key, candidate per-key (same slot) and per-IP (another slot): the live
+    call carries only what shares its slot; the rest is a second, separate call."""
+    redis_cluster.flushall()
+    write_candidate(tmp_path, limit=1)
+    async with running(live_rules(tmp_path, redis_cluster.url)) as s:
+        assert await send(s, "hana", 4) == [200, 200, 200, 429]
+        assert whatif_requests(s) == {
+            ("allowed", "allowed"): 1,
+            ("allowed", "rejected"): 2,
+            # live-rejected: the candidate's per-IP check (another slot) is not asked
+            ("rejected", "not_evaluated"): 1,
+        }
+        assert s.runtime.limiter.storage_calls == 4  # live calls only; the second ones apart
+        body = await status(s)
+        assert body["whatif"]["decisions"]["rules"]["per_ip"]["counts"]["allowed"] == 3
 
 
 async def test_a_bad_candidate_is_reported_and_ignored(tmp_path: Path) -> None:
@@ -218,3 +270,18 @@ def test_a_rules_file_cannot_be_its_own_candidate(tmp_path: Path) -> None:
     path = live_rules(tmp_path, "memory://", candidate="rules.yaml")
     with pytest.raises(ConfigError, match=r"rules.yaml:5: candidate: must name another file"):
         load(path)
+
+
+async def test_an_edited_candidate_is_taken_even_while_the_rules_are_broken(
+    tmp_path: Path,
+) -> None:
+    write_candidate(tmp_path, limit=1)
+    async with running(live_rules(tmp_path, "memory://")) as s:
+        s.path.write_text(s.path.read_text() + "\nlimits: oops\n")
+        write_candidate(tmp_path, limit=2)
+        assert s.runtime.candidate_changed()
+        assert not s.runtime.reload()  # the rules file is bad: the last good one serves
+        assert not s.runtime.candidate_changed()  # ... and the watcher has nothing to retry
+        candidate = s.runtime.snapshot.candidate
+        assert candidate is not None and candidate.config is not None
+        assert candidate.config.limits["per_key"].quotas[0].limit == 2

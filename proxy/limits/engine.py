@@ -202,6 +202,15 @@ def _checks(plan: RulePlan, client: str, cost: int) -> tuple[Check, ...]:
     return made
 
 
+def _tag(key: str) -> str:
+    """A key's ``{hash tag}`` (its Cluster slot)."""
+    return key[key.find("{") : key.find("}") + 1]
+
+
+def _live(verdict: Verdict) -> str:
+    return "allowed" if verdict.status is None else "rejected"
+
+
 def _client_and_cost(
     rule: LimitRule, config: Config, request: RequestView, ip: str, route: str
 ) -> tuple[str, int] | Verdict | None:
@@ -289,6 +298,9 @@ class Limiter:
         self.on_reject: list[Callable[[str, str, str], None]] = []  # (rule, client, route)
         # (rule, client): a candidate rule would reject a request the live rules admit
         self.on_candidate_reject: list[Callable[[str, str], None]] = []
+        # A Redis Cluster store splits a call whose keys span slots (``redis_limits``):
+        # candidate checks on another slot than the live ones are then decided apart.
+        self._cluster = bool(getattr(store, "cluster", False))
         self._whatif_decisions = Children(metrics.whatif_decisions)
         self._whatif_requests = Children(metrics.whatif_requests)
         self._decisions = Children(metrics.decisions)
@@ -354,13 +366,12 @@ class Limiter:
             if not pending:
                 return ALLOW
             return await self._decide(pending, headers, route)
-        if ip is None:
-            ip = client_ip(peer, request.headers, candidate.config.clients.trusted_proxies)
+        if ip is None:  # the client address as the live config sees it (its proxies)
+            ip = client_ip(peer, request.headers, config.clients.trusted_proxies)
         shadow = _candidate_pending(candidate, request, ip)
         if shadow is None:  # the candidate would answer 400/403: no comparison for it
             verdict = await self._decide(pending, headers, route) if pending else Verdict()
-            live = "allowed" if verdict.status is None else "rejected"
-            self._whatif_requests(live, "not_evaluated").inc()
+            self._whatif_requests(_live(verdict), "not_evaluated").inc()
             return verdict
         return await self._decide(pending, headers, route, (candidate, shadow))
 
@@ -375,37 +386,65 @@ class Limiter:
             checks = (
                 pending[0].checks if len(pending) == 1 else [c for p in pending for c in p.checks]
             )
-        else:
-            checks = [c for p in pending for c in p.checks]
-            checks += [c for p in shadow[1] for c in p.checks]
-        outcomes: list[Outcome] | None = None
-        if checks and self.breaker.allow():
-            started = time.perf_counter()
-            try:
-                outcomes = await self.store.decide(checks)
-            except StorageError as exc:
-                self._storage_failed(exc)
-            except asyncio.CancelledError:  # the client went away mid-call
-                self.breaker.abandon()
-                raise
-            else:
-                self.storage_calls += 1
-                self._latency.observe(time.perf_counter() - started)
-                self.breaker.success()
-        if shadow is None:
+            outcomes = await self._call(checks)
             if outcomes is None:
                 return self._degraded(pending, headers, route)
             return self._verdict(pending, outcomes, headers, route)
-        n = sum(len(p.checks) for p in pending)
-        if outcomes is None and checks:
+        candidate, along = shadow
+        apart: list[_Pending] = []
+        if self._cluster and along:
+            # Only candidate checks on the live checks' slots ride along in their call,
+            # so the candidate never splits (or fails) the live decision.
+            tags = {_tag(c.key) for p in pending for c in p.checks}
+            apart = [p for p in along if any(_tag(c.key) not in tags for c in p.checks)]
+            along = [p for p in along if p not in apart]
+        checks = [c for p in pending for c in p.checks]
+        n = len(checks)
+        checks += [c for p in along for c in p.checks]
+        outcomes = await self._call(checks) if checks else []
+        if outcomes is None:
             verdict = self._degraded(pending, headers, route) if pending else Verdict()
-            live = "allowed" if verdict.status is None else "rejected"
-            self._whatif_requests(live, "not_evaluated").inc()
+            self._whatif_requests(_live(verdict), "not_evaluated").inc()
             return verdict
-        outcomes = outcomes or []
         verdict = self._verdict(pending, outcomes[:n], headers, route) if pending else Verdict()
-        self._whatif(shadow[0], shadow[1], outcomes[n:], verdict)
+        shadow_outcomes = outcomes[n:]
+        if apart:
+            extra = await self._call_apart(apart, verdict)
+            if extra is None:
+                self._whatif_requests(_live(verdict), "not_evaluated").inc()
+                return verdict
+            along, shadow_outcomes = along + apart, shadow_outcomes + extra
+        self._whatif(candidate, along, shadow_outcomes, verdict)
         return verdict
+
+    async def _call(self, checks: Sequence[Check]) -> list[Outcome] | None:
+        """One store call behind the breaker; None when it failed or was not made."""
+        if not self.breaker.allow():
+            return None
+        started = time.perf_counter()
+        try:
+            outcomes = await self.store.decide(checks)
+        except StorageError as exc:
+            self._storage_failed(exc)
+            return None
+        except asyncio.CancelledError:  # the client went away mid-call
+            self.breaker.abandon()
+            raise
+        self.storage_calls += 1
+        self._latency.observe(time.perf_counter() - started)
+        self.breaker.success()
+        return outcomes
+
+    async def _call_apart(self, apart: list[_Pending], verdict: Verdict) -> list[Outcome] | None:
+        """Candidate checks on other Cluster slots: a second call, made only for a request
+        the live rules admitted (shadow checks are charged only then) and while the
+        breaker is closed; its failure only leaves this comparison out."""
+        if verdict.status is not None or self.breaker.state != "closed":
+            return None
+        try:
+            return await self.store.decide([c for p in apart for c in p.checks])
+        except StorageError:
+            return None
 
     def _whatif(
         self,
@@ -415,7 +454,7 @@ class Limiter:
         verdict: Verdict,
     ) -> None:
         """Count the candidate's decisions and the request's live-vs-candidate answer."""
-        live = "allowed" if verdict.status is None else "rejected"
+        live = _live(verdict)
         admitted = True
         i = 0
         for p in pending:

@@ -2,15 +2,18 @@
 
 Redis: one sorted set per (board, minute), ``sl:{sl-status}:rej:<board>:<minute>``,
 member ``rule<TAB>client``; every key carries the ``{sl-status}`` hash tag so a
-window's buckets share one Cluster slot and can be summed by ``ZUNIONSTORE``
-(into a scratch key of the caller's own, given a short TTL and deleted after
-reading). Buckets expire after ``BUCKET_TTL`` and keep their ``BUCKET_CAP``
-largest members. Plain pipelined commands, no script: ``EVALSHA`` on the
-server stays the rate limiter's alone, so counting it counts decisions.
+window's buckets share one Cluster slot (one connection, one pipelined round
+trip). Buckets expire after ``BUCKET_TTL`` and keep their ``BUCKET_CAP``
+largest members; a window is the sum, per member, of each minute's
+``PER_MINUTE`` largest (a heavy-hitters estimate: a client that never makes a
+minute's top ``PER_MINUTE`` is left out of that minute). Plain pipelined
+commands, no script: ``EVALSHA`` on the server stays the rate limiter's alone,
+so counting it counts decisions.
 
 SQLite (``memory://``): ``<data_dir>/status.sqlite3``, one row per (board,
-minute, rule, client), upserted; rows older than the longest window are
-deleted as new minutes are written. As with the link store, one dedicated
+minute, rule, client), upserted; a minute keeps its ``BUCKET_CAP`` largest
+rows, and rows older than the longest window are deleted as new minutes are
+written. As with the link store, one dedicated
 thread owns the connection, so the event loop never waits on the file, and
 WAL plus ``BEGIN IMMEDIATE`` let every worker share it.
 """
@@ -18,7 +21,6 @@ WAL plus ``BEGIN IMMEDIATE`` let every worker share it.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +42,7 @@ from proxy.storage.redis_client import RedisBackend, open_redis
 
 T = TypeVar("T")
 FILENAME = "status.sqlite3"
-SCRATCH_TTL = 60  # a scratch union left behind (the connection died mid-read) goes away
+PER_MINUTE = 100  # members read from each minute bucket for a window's leaderboard
 Counts = Mapping[tuple[str, str], int]
 
 
@@ -91,22 +93,21 @@ class RedisClientBoard:
         await _all(calls)
 
     async def top(self, board: str, minutes: Sequence[int], limit: int) -> list[TopClient]:
-        keys = [self.bucket(board, m) for m in minutes]
-        scratch = f"{self.prefix}:rej:scratch:{secrets.token_hex(8)}"
+        """The largest ``PER_MINUTE`` members of each minute, merged here: one pipelined
+        round trip of cheap ``ZREVRANGE`` calls (a server-side union of 60 full buckets
+        would hold Redis, and every rate-limit check behind it, for many ms)."""
         run = self.backend.execute
-        await _all(
-            [
-                run("ZUNIONSTORE", scratch, len(keys), *keys, key=scratch),
-                run("EXPIRE", scratch, SCRATCH_TTL, key=scratch),
-            ]
+        replies = await asyncio.gather(
+            *(
+                run("ZREVRANGE", key, 0, PER_MINUTE - 1, "WITHSCORES", key=key)
+                for key in (self.bucket(board, m) for m in minutes)
+            )
         )
-        try:
-            reply = await run("ZREVRANGE", scratch, 0, limit - 1, "WITHSCORES", key=scratch)
-        finally:
-            await run("DEL", scratch, key=scratch)
         counts: dict[tuple[str, str], float] = {}
-        for i in range(0, len(reply), 2):
-            counts[split_member(reply[i].decode())] = float(reply[i + 1])
+        for reply in replies:
+            for i in range(0, len(reply), 2):
+                entry = split_member(reply[i].decode())
+                counts[entry] = counts.get(entry, 0.0) + float(reply[i + 1])
         return ranked(counts, limit)
 
     async def close(self) -> None:
@@ -133,6 +134,12 @@ _TOP = (
     "GROUP BY rule, client ORDER BY n DESC, rule, client LIMIT ?"
 )
 _KEEP_MINUTES = max(WINDOWS.values()) + 1
+_TRIM = (
+    "DELETE FROM rejections WHERE board = ? AND minute = ? AND (rule, client) IN ("
+    "SELECT rule, client FROM rejections WHERE board = ? AND minute = ? "
+    "ORDER BY count ASC LIMIT max(0, "
+    "(SELECT count(*) FROM rejections WHERE board = ? AND minute = ?) - ?))"
+)
 
 
 class SQLiteClientBoard:
@@ -170,6 +177,7 @@ class SQLiteClientBoard:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(_UPSERT, rows)
+                conn.execute(_TRIM, (board, minute) * 3 + (BUCKET_CAP,))
                 if prune is not None:
                     conn.execute("DELETE FROM rejections WHERE minute < ?", (prune,))
                 conn.execute("COMMIT")

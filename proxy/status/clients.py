@@ -15,8 +15,9 @@ store without limit: a tally holds at most ``max_entries`` keys between two
 drains (further new keys are counted in ``overflow`` only), a drain hands the
 store the ``keep`` largest counts per board, and each stored minute bucket
 keeps its ``BUCKET_CAP`` largest members. The leaderboard is a heavy-hitters
-view: a client rejected a few times among very many may be left out; a client
-in the top 10 never is.
+view: a client rejected a few times among very many may be left out, and
+under an attack from more than ``max_entries`` clients per drain interval
+even a heavy one may miss the counts of the intervals it arrived late in.
 """
 
 from __future__ import annotations

@@ -51,6 +51,10 @@ class Ring:
     def latest(self) -> Mapping[Key, float]:
         return self._samples[-1].totals if self._samples else {}
 
+    def start(self) -> float | None:
+        """When the oldest sample was taken (where the first rate point begins)."""
+        return self._samples[0].at if self._samples else None
+
     def times(self) -> list[float]:
         """When each rate point ends (one fewer than the samples)."""
         samples = list(self._samples)

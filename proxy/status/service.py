@@ -21,7 +21,14 @@ from proxy import __version__
 from proxy.errors import StorageError
 from proxy.limits.identity import masked
 from proxy.status.boards import ClientBoard, open_client_board
-from proxy.status.clients import TOP_LIMIT, WINDOWS, Tally, minute_of, window_minutes
+from proxy.status.clients import (
+    TOP_LIMIT,
+    WINDOWS,
+    Tally,
+    TopClient,
+    minute_of,
+    window_minutes,
+)
 from proxy.status.sampler import read_totals
 from proxy.status.series import Key, Ring, quantile
 
@@ -31,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("sluice.status")
 RESULTS = ("allowed", "rejected", "shadow_rejected", "degraded")
 PANEL_TIMEOUT = 1.5
+IDLE_INTERVAL = 10.0  # seconds between samples while nobody has looked at the page lately
+WATCHED_FOR = 600.0  # seconds after the last look during which samples come every interval
+BOARD_CACHE = 5.0  # seconds a leaderboard answer is reused (several tabs, several panels)
 RATE_WINDOW = 60.0  # seconds the panels' rates and p99 are computed over
 WHATIF_WINDOW = 300.0  # seconds the what-if comparison covers
 
@@ -53,10 +63,13 @@ class StatusService:
         self.board = (
             board if board is not None else open_client_board(runtime.snapshot.config.storage)
         )
-        self.board_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()  # wakes the sampler: closing, or the page opened
+        self._closing = False
         self._last_warning = 0.0
         self._hooked = False
+        self._watched = 0.0  # monotonic time of the last status()/series() call
+        self._tops: dict[tuple[str, str], tuple[float, asyncio.Task[list[TopClient]]]] = {}
 
     # -- wiring -------------------------------------------------------------------------
 
@@ -66,6 +79,7 @@ class StatusService:
             self.runtime.limiter.on_candidate_reject.append(self.candidate_rejected)
             self._hooked = True
         if self._task is None:
+            self._closing = False
             self.sample()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -81,18 +95,32 @@ class StatusService:
             self.runtime.limiter.on_reject.remove(self.rejected)
             self.runtime.limiter.on_candidate_reject.remove(self.candidate_rejected)
             self._hooked = False
-        if self._task is not None:
-            self._task.cancel()
+        if self._task is not None:  # let a flush in progress finish: its counts are out
+            self._closing = True
+            self._kick.set()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await self.flush()
+        for _, task in self._tops.values():
+            task.cancel()
         await self.board.close()
 
     async def _run(self) -> None:
+        """Sample every ``interval`` while the page is being looked at (and for a while
+        after), every ``IDLE_INTERVAL`` otherwise; the metrics are read on a thread, so
+        the loop is not held while every worker's files are summed."""
+        idle = max(self.interval, IDLE_INTERVAL)
         while True:
-            await asyncio.sleep(self.interval)
+            watched = time.monotonic() - self._watched < WATCHED_FOR
+            self._kick.clear()
             try:
-                self.sample()
+                await asyncio.wait_for(self._kick.wait(), self.interval if watched else idle)
+            except TimeoutError:
+                pass
+            if self._closing:
+                return
+            try:
+                await self.sample_async()
                 await self.flush()
             except Exception:  # never let the page's bookkeeping die silently
                 log.exception("status sampler failed")
@@ -101,6 +129,11 @@ class StatusService:
 
     def sample(self) -> None:
         self.ring.add(self.clock(), read_totals(self.runtime.metrics))
+
+    async def sample_async(self) -> None:
+        at = self.clock()  # when read, not when the thread is done
+        totals = await asyncio.to_thread(read_totals, self.runtime.metrics)
+        self.ring.add(at, totals)
 
     async def flush(self) -> None:
         """Move the tally to the leaderboard store under the current minute; on a store
@@ -118,11 +151,8 @@ class StatusService:
             try:
                 await self.board.add(board, minute, shown)
             except StorageError as exc:
-                self.board_error = str(exc)
                 self.tally.merge(((board, r, c), n) for (r, c), n in counts.items())
                 self._warn(f"clients leaderboard not updated: {exc}")
-            else:
-                self.board_error = None
 
     def _warn(self, message: str) -> None:
         now = time.monotonic()
@@ -134,6 +164,7 @@ class StatusService:
 
     def series(self) -> dict[str, Any]:
         """Decisions per second per rule, per result, one point per sample interval."""
+        self._watch()
         config = self.runtime.snapshot.config
         rules: dict[str, dict[str, list[float]]] = {}
         keys: list[Key] = [("decisions", r, res) for r in config.limits for res in RESULTS]
@@ -142,6 +173,7 @@ class StatusService:
             rules[rule] = {res: _rounded(rates[("decisions", rule, res)]) for res in RESULTS}
         out: dict[str, Any] = {
             "interval": self.interval,
+            "start": self.ring.start(),
             "times": [round(t, 3) for t in self.ring.times()],
             "rules": rules,
         }
@@ -157,7 +189,15 @@ class StatusService:
             }
         return out
 
+    def _watch(self) -> None:
+        """The page asked: sample at the full rate (at once, if it had slowed down)."""
+        now = time.monotonic()
+        if now - self._watched >= WATCHED_FOR:
+            self._kick.set()
+        self._watched = now
+
     async def status(self) -> dict[str, Any]:
+        self._watch()
         config = self.runtime.snapshot.config
         span, grown = self.ring.increase(RATE_WINDOW)
         clients, links, webhooks, whatif = await asyncio.gather(
@@ -194,7 +234,7 @@ class StatusService:
         return out
 
     async def _candidate_clients(self) -> dict[str, Any]:
-        top = await self.board.top("candidate", window_minutes("5m", self.clock()), TOP_LIMIT)
+        top = await self._top("candidate", "5m")
         return {
             "5m": [{"rule": t.rule, "client": t.client, "rejections": t.rejections} for t in top]
         }
@@ -231,11 +271,21 @@ class StatusService:
             "window_seconds": round(span, 3),
         }
 
+    async def _top(self, board: str, window: str) -> list[TopClient]:
+        """The board's leaderboard, one store query per ``BOARD_CACHE`` seconds however
+        many tabs ask; callers that time out leave the query running for the next."""
+        now = time.monotonic()
+        found = self._tops.get((board, window))
+        if found is None or found[0] <= now or (found[1].done() and found[1].exception()):
+            minutes = window_minutes(window, self.clock())
+            task = asyncio.get_running_loop().create_task(self.board.top(board, minutes, TOP_LIMIT))
+            found = self._tops[(board, window)] = (now + BOARD_CACHE, task)
+        return await asyncio.shield(found[1])
+
     async def _clients(self) -> dict[str, Any]:
-        now = self.clock()
         out: dict[str, Any] = {"store": self.board.location}
         for window in WINDOWS:
-            top = await self.board.top("live", window_minutes(window, now), TOP_LIMIT)
+            top = await self._top("live", window)
             out[window] = [
                 {"rule": t.rule, "client": t.client, "rejections": t.rejections} for t in top
             ]
@@ -262,6 +312,10 @@ class StatusService:
         return {"enabled": True, "subscriptions": [st.as_dict() for st in statuses]}
 
 
+def _failed(task: asyncio.Task[Any]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
+
+
 async def _panel(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
     try:
         return await asyncio.wait_for(call, PANEL_TIMEOUT)
@@ -280,40 +334,43 @@ def _rounded(values: list[float]) -> list[float]:
 
 
 def compare(grown: dict[Key, float], span: float) -> dict[str, Any]:
-    """The what-if summary from ``("whatif_requests", live, candidate)`` increases."""
+    """The what-if summary from ``("whatif_requests", live, candidate)`` increases.
+
+    Exact: how many of all compared requests the candidate would reject that the
+    live rules admit (``more_rejected``). A lower bound: how many the live rules
+    reject that the candidate would let through (``fewer_rejected``; the deny cache
+    answers most repeated rejections without asking the candidate)."""
 
     def n(live: str, cand: str) -> int:
         return round(grown.get(("whatif_requests", live, cand), 0.0))
 
-    evaluated = sum(n(lv, c) for lv in ("allowed", "rejected") for c in ("allowed", "rejected"))
-    live_rejected = n("rejected", "allowed") + n("rejected", "rejected")
-    cand_rejected = n("allowed", "rejected") + n("rejected", "rejected")
+    cands = ("allowed", "rejected", "not_evaluated")
+    total = sum(n(lv, c) for lv in ("allowed", "rejected") for c in cands)
+    live_rejected = sum(n("rejected", c) for c in cands)
     more, fewer = n("allowed", "rejected"), n("rejected", "allowed")
     skipped = n("allowed", "not_evaluated") + n("rejected", "not_evaluated")
 
     def pct(x: int) -> float:
-        return round(100.0 * x / evaluated, 2) if evaluated else 0.0
+        return round(100.0 * x / total, 2) if total else 0.0
 
     minutes = max(1, round(span / 60))
-    if not evaluated:
-        summary = "No request has been evaluated against the candidate yet."
+    if not total:
+        summary = "No request has been compared with the candidate yet."
     else:
         summary = (
-            f"With the candidate, {pct(cand_rejected)}% of requests would be rejected "
-            f"instead of {pct(live_rejected)}%: {pct(more)}% more "
-            f"({more} requests the live rules let through in the last {minutes} min)"
+            f"With the candidate, {pct(more)}% more requests would be rejected "
+            f"({more} of {total} in the last {minutes} min, all admitted by the live rules, "
+            f"which reject {pct(live_rejected)}%)"
         )
-        summary += f" and {fewer} fewer." if fewer else "."
+        summary += f"; at least {fewer} they reject would pass." if fewer else "."
     return {
         "window_seconds": round(span, 3),
-        "evaluated": evaluated,
+        "compared": total,
         "not_evaluated": skipped,
         "live_rejected": live_rejected,
-        "candidate_rejected": cand_rejected,
         "more_rejected": more,
-        "fewer_rejected": fewer,
+        "fewer_rejected_at_least": fewer,
         "live_rejected_pct": pct(live_rejected),
-        "candidate_rejected_pct": pct(cand_rejected),
         "more_rejected_pct": pct(more),
         "summary": summary,
     }

@@ -10,9 +10,15 @@ const $ = (id) => document.getElementById(id);
 function takeTokenFromFragment() {
   const match = /(?:^#|&)token=([^&]+)/.exec(location.hash);
   if (match) {
-    sessionStorage.setItem(KEY, decodeURIComponent(match[1]));
-    history.replaceState(null, "", location.pathname + location.search);
+    let token = match[1];
+    try {
+      token = decodeURIComponent(token);
+    } catch {
+      // not %-encoded after all: use it as it is
+    }
+    sessionStorage.setItem(KEY, token);
   }
+  if (location.hash) history.replaceState(null, "", location.pathname + location.search);
 }
 
 function text(id, value) {
@@ -70,10 +76,12 @@ function fillRows(tableId, rows) {
   }
 }
 
-function panelError(id, panel) {
+function panelError(id, panel, ...tables) {
   const node = $(id);
   node.hidden = !panel.error;
+  node.className = "error";
   node.textContent = panel.error || "";
+  if (panel.error) for (const table of tables) $(table).tBodies[0].replaceChildren();
   return Boolean(panel.error);
 }
 
@@ -153,13 +161,13 @@ function clientRows(entries, key) {
 }
 
 function renderClients(clients) {
-  if (panelError("clients-error", clients)) return;
+  if (panelError("clients-error", clients, "clients-5m", "clients-1h")) return;
   fillRows("clients-5m", clientRows(clients["5m"], "rejections"));
   fillRows("clients-1h", clientRows(clients["1h"], "rejections"));
 }
 
 function renderLinks(links) {
-  if (panelError("links-error", links)) return;
+  if (panelError("links-error", links, "links-top")) return;
   if (!links.enabled) {
     $("links-error").hidden = false;
     $("links-error").className = "muted";
@@ -173,7 +181,7 @@ function renderLinks(links) {
 }
 
 function renderWebhooks(webhooks) {
-  if (panelError("webhooks-error", webhooks)) return;
+  if (panelError("webhooks-error", webhooks, "webhooks")) return;
   fillRows("webhooks", webhooks.subscriptions.map((sub) => {
     const state = sub.disabled ? "disabled" : sub.enabled ? (sub.consecutive_failures ? "failing" : "ok") : "off";
     const badge = { ok: "ok", failing: "warn", disabled: "bad", off: "" }[state];
@@ -196,12 +204,27 @@ function renderWhatif(whatif, series) {
     chart(`${rule} (candidate)`, { allowed: bySeries.allowed || [], rejected: bySeries.rejected || [] },
       series.times, `whatif-chart-${rule}`));
   $("whatif-charts").replaceChildren(...charts);
-  if (whatif.clients && !whatif.clients.error) {
+  if (whatif.clients && whatif.clients.error) {
+    $("whatif-clients").tBodies[0].replaceChildren(
+      el("tr", {}, el("td", { colspan: 4, class: "error" }, whatif.clients.error)));
+  } else if (whatif.clients) {
     fillRows("whatif-clients", clientRows(whatif.clients["5m"], "rejections"));
   }
 }
 
+let refreshing = false;
+
 async function refresh() {
+  if (refreshing) return; // the last answer is not in yet (storage slow): skip this tick
+  refreshing = true;
+  try {
+    await refreshOnce();
+  } finally {
+    refreshing = false;
+  }
+}
+
+async function refreshOnce() {
   if (!sessionStorage.getItem(KEY)) {
     showLogin();
     return;
