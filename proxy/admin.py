@@ -37,7 +37,8 @@ async def readyz(request: web.Request) -> web.Response:
         "storage": {
             "url": config.storage.safe_url,
             "state": "degraded" if limiter.degraded else "ok",
-            "breaker": limiter.breaker.state,
+            "breaker": limiter.breaker_state,
+            "open_nodes": limiter.open_nodes,
             "last_error": limiter.last_error,
         },
         "uptime_seconds": round(time.time() - request.app[STARTED], 3),

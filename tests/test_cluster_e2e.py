@@ -262,21 +262,13 @@ async def test_a_master_restart_under_traffic_keeps_serving_then_limits_converge
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "proxy/limits/engine.py: one circuit breaker per worker covers the whole store, so"
-        " failures on ONE cluster master open it and every rule of every client, also those"
-        " whose keys live on healthy masters, is answered by on_storage_error"
-    ),
-)
 async def test_one_master_down_leaves_clients_on_the_other_masters_limited(
     fleet: Fleet, redis_cluster: RedisClusterSetup, session: aiohttp.ClientSession
 ) -> None:
     """Master 1 is killed; the cluster keeps serving the other slots (full coverage
     is not required for this test, so the healthy masters answer throughout). A
     client on master 1 is answered under ``allow`` (200); a client on master 2
-    should still get exactly its limit."""
+    still gets exactly its limit: each master has its own breaker."""
     redis_cluster.flushall()
     ports = redis_cluster.ports
     for port in ports:
@@ -290,6 +282,15 @@ async def test_one_master_down_leaves_clients_on_the_other_masters_limited(
         assert down[down_client] == {200: 12}
         healthy = await burst(session, urls, [healthy_client], LIMIT + 5)
         assert healthy[healthy_client] == {200: LIMIT, 429: 5}
+        dead = f"127.0.0.1:{ports[1]}"
+        opened = 0
+        for sluice in fleet.sluices:  # per-master breakers: only the dead master's is open
+            async with session.get(sluice.admin_url("/readyz")) as r:
+                storage = (await r.json())["storage"]
+            if storage["open_nodes"]:  # a worker that never called that master has none
+                assert storage["open_nodes"] == [dead] and storage["state"] == "degraded"
+                opened += 1
+        assert opened >= 1
     finally:
         await asyncio.to_thread(redis_cluster.restart_node, 1)
         for port in ports:

@@ -285,12 +285,15 @@ class Limiter:
         self.local = MemoryLimitStore()
         self.metrics = metrics
         self.clock = clock
-        self.breaker = Breaker(
-            storage.breaker_failures,
-            storage.breaker_reset,
-            clock=clock,
-            on_change=self._breaker_changed,
-        )
+        self._storage = storage
+        # The store's breaker; on Redis Cluster one more per master (``node_of``), so a
+        # dead master degrades only the clients whose keys it holds. ``breaker_state``
+        # is the worst of them; transitions of that are what is logged and emitted.
+        self.breaker = self._new_breaker()
+        self.node_breakers: dict[str, Breaker] = {}
+        self.breaker_state = "closed"
+        node_of = getattr(store, "node_of", None) if getattr(store, "cluster", False) else None
+        self._node_of: Callable[[str], str | None] | None = node_of
         self.deny_cache: dict[tuple[str, str, int], tuple[float, list[Outcome]]] = {}
         self.storage_calls = 0
         self.last_error: str | None = None
@@ -311,7 +314,49 @@ class Limiter:
 
     @property
     def degraded(self) -> bool:
-        return self.breaker.state != "closed"
+        return self.breaker_state != "closed"
+
+    @property
+    def open_nodes(self) -> list[str]:
+        """Cluster masters whose breaker is not closed (their clients are degraded)."""
+        return sorted(n for n, b in self.node_breakers.items() if b.state != "closed")
+
+    def _new_breaker(self) -> Breaker:
+        return Breaker(
+            self._storage.breaker_failures,
+            self._storage.breaker_reset,
+            clock=self.clock,
+            on_change=self._any_changed,
+        )
+
+    def _any_changed(self, old: str, new: str) -> None:
+        breakers = [self.breaker, *self.node_breakers.values()]
+        states = {b.state for b in breakers}
+        worst = "open" if "open" in states else "half_open" if "half_open" in states else "closed"
+        if self.node_breakers and old != new:
+            log.info("storage breaker %s → %s (open: %s)", old, new, self.open_nodes or "none")
+        if worst != self.breaker_state:
+            previous, self.breaker_state = self.breaker_state, worst
+            self._breaker_changed(previous, worst)
+
+    def _breakers_for(self, checks: Sequence[Check]) -> list[Breaker]:
+        """The breakers a call on ``checks`` goes through: its masters' on a Cluster
+        whose slot map is known, else the store's."""
+        if self._node_of is None:
+            return [self.breaker]
+        nodes: set[str] = set()
+        for check in checks:
+            node = self._node_of(check.key)
+            if node is None:
+                return [self.breaker]
+            nodes.add(node)
+        out = []
+        for node in nodes:
+            found = self.node_breakers.get(node)
+            if found is None:
+                found = self.node_breakers[node] = self._new_breaker()
+            out.append(found)
+        return out
 
     def _breaker_changed(self, old: str, new: str) -> None:
         self.metrics.breaker_open.set(0 if new == "closed" else 1)
@@ -418,28 +463,39 @@ class Limiter:
         return verdict
 
     async def _call(self, checks: Sequence[Check]) -> list[Outcome] | None:
-        """One store call behind the breaker; None when it failed or was not made."""
-        if not self.breaker.allow():
-            return None
+        """One store call behind its breaker(s); None when it failed or was not made."""
+        if self._node_of is None:
+            breakers = None
+            if not self.breaker.allow():
+                return None
+        else:
+            breakers = self._breakers_for(checks)
+            for i, breaker in enumerate(breakers):
+                if not breaker.allow():
+                    for taken in breakers[:i]:
+                        taken.abandon()
+                    return None
         started = time.perf_counter()
         try:
             outcomes = await self.store.decide(checks)
         except StorageError as exc:
-            self._storage_failed(exc)
+            self._storage_failed(exc, breakers)
             return None
         except asyncio.CancelledError:  # the client went away mid-call
-            self.breaker.abandon()
+            for breaker in breakers or (self.breaker,):
+                breaker.abandon()
             raise
         self.storage_calls += 1
         self._latency.observe(time.perf_counter() - started)
-        self.breaker.success()
+        for breaker in breakers or (self.breaker,):
+            breaker.success()
         return outcomes
 
     async def _call_apart(self, apart: list[_Pending], verdict: Verdict) -> list[Outcome] | None:
         """Candidate checks on other Cluster slots: a second call, made only for a request
         the live rules admitted (shadow checks are charged only then) and while the
         breaker is closed; its failure only leaves this comparison out."""
-        if verdict.status is not None or self.breaker.state != "closed":
+        if verdict.status is not None or self.breaker_state != "closed":
             return None
         try:
             return await self.store.decide([c for p in apart for c in p.checks])
@@ -476,10 +532,13 @@ class Limiter:
             self._whatif_decisions(name, result).inc()
         self._whatif_requests(live, "allowed" if admitted else "rejected").inc()
 
-    def _storage_failed(self, exc: StorageError) -> None:
+    def _storage_failed(self, exc: StorageError, breakers: list[Breaker] | None = None) -> None:
+        """A failed call counts against every breaker it went through (a call spanning
+        masters cannot tell which one failed)."""
         self.last_error = f"{type(exc).__name__}: {exc}"
         self.metrics.storage_errors.labels(type(exc).__name__).inc()
-        self.breaker.failure()
+        for breaker in breakers or (self.breaker,):
+            breaker.failure()
         now = self.clock()
         if now - self._last_log > 5:
             self._last_log = now

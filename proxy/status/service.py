@@ -262,7 +262,8 @@ class StatusService:
         return {
             "url": storage.safe_url,
             "state": "degraded" if degraded else "ok",
-            "breaker": limiter.breaker.state,
+            "breaker": limiter.breaker_state,
+            "open_nodes": limiter.open_nodes,
             "any_worker_breaker_open": any_open,
             "last_error": limiter.last_error,
             "p99_ms": round(p99 * 1000, 3) if p99 is not None else None,

@@ -181,6 +181,10 @@ class ClusterRedis:
                 raise
         raise StorageUnavailable(f"slot {slot}: more than {_MAX_REDIRECTS} redirects")
 
+    def node_of(self, key: str) -> str | None:
+        """The master serving ``key`` by the slot map known now (None before it is)."""
+        return self._slots[key_slot(key)]
+
     async def execute(self, *args: CommandArg, key: str | bytes | None = None) -> Any:
         """Run a command on the master owning ``key`` (any master without a key)."""
         return await self._routed(None if key is None else key_slot(key), args)

@@ -61,6 +61,11 @@ class RedisLimitStore:
         except ValueError as exc:
             raise StorageError(f"unexpected script reply: {exc}") from exc
 
+    def node_of(self, key: str) -> str | None:
+        """On a Cluster, the master holding ``key`` (for per-master breakers)."""
+        node_of = getattr(self.backend, "node_of", None)
+        return node_of(key) if self.cluster and node_of is not None else None
+
     async def decide(self, checks: Sequence[Check]) -> list[Outcome]:
         if self.cluster and len(checks) > 1:
             groups: dict[int, list[int]] = {}
