@@ -235,29 +235,27 @@ async def test_without_a_candidate_nothing_changes(tmp_path: Path) -> None:
         assert (await status(s))["whatif"] == {"enabled": False}
 
 
-def test_check_shows_the_candidate_and_fails_on_a_bad_one(tmp_path: Path) -> None:
-    path = live_rules(tmp_path, "memory://")
-    write_candidate(tmp_path, limit=1)
-    out = subprocess.run(
+def sluice_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "proxy", "check", str(path)],
         capture_output=True,
         text=True,
         cwd=REPO,
         check=False,
     )
+
+
+def test_check_shows_the_candidate_and_fails_on_a_bad_one(tmp_path: Path) -> None:
+    path = live_rules(tmp_path, "memory://")
+    write_candidate(tmp_path, limit=1)
+    out = sluice_check(path)
     assert out.returncode == 0, out.stderr
     assert f"candidate {tmp_path / 'next.yaml'} (its limits evaluated in shadow):" in out.stdout
     assert "  + limits.per_ip: gcra 100/1m by [ip]" in out.stdout
     assert "  ~ limits.per_key.quotas: 3/1h → 1/1h" in out.stdout
 
     write_candidate(tmp_path, body="limits: [{{name: x, algorithm: nope}}]\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
+    out = sluice_check(path)
     assert out.returncode == 1
     assert f"{tmp_path / 'next.yaml'}:1: " in out.stderr
     assert "invalid (serve reports and ignores it)" in out.stdout
