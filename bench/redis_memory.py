@@ -43,8 +43,9 @@ from bench.redis_stats import CommandCounts, RedisProbe
 from proxy import config as configmod
 from proxy.config import Config
 from proxy.limits.algorithms import ALGORITHMS, Outcome
-from proxy.limits.engine import Limiter, RulePlan, _client_hash, plan_rules
+from proxy.limits.engine import Limiter
 from proxy.limits.identity import identify
+from proxy.limits.plans import RulePlan, _client_hash, plan_rules
 from proxy.limits.scripts import CHECK_SCRIPT, CHECK_SHA, check_args
 from proxy.limits.store import Check
 from proxy.metrics import Metrics

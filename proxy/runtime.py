@@ -35,7 +35,8 @@ from proxy.events.metrics import EventMetrics
 from proxy.events.service import Notifier, open_outbox
 from proxy.events.wiring import attach
 from proxy.forward import UpstreamClient
-from proxy.limits.engine import Limiter, RulePlan, plan_rules
+from proxy.limits.engine import Limiter
+from proxy.limits.plans import RulePlan, plan_rules
 from proxy.limits.store import LimitStore
 from proxy.linkservice import LinkService
 from proxy.metrics import Metrics

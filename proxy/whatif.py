@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from proxy import config as configmod
 from proxy.config import Config, StorageConfig
 from proxy.errors import ConfigError
-from proxy.limits.engine import CandidateRules, RulePlan, candidate_plans, plan_rules
+from proxy.limits.plans import CandidateRules, RulePlan, candidate_plans, plan_rules
 from proxy.match import HeaderLookup
 from proxy.routing import Router
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from proxy.limits.engine import _client_hash
+from proxy.limits.plans import _client_hash
 from proxy.storage.redis_cluster import key_slot
 from tests.servers import redis_cli
 

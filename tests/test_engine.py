@@ -11,9 +11,10 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.config import Config, HeaderPolicy, loads
-from proxy.limits import engine
+from proxy.limits import plans as plans_module
 from proxy.limits.algorithms import Outcome
-from proxy.limits.engine import Limiter, RulePlan, plan_rules
+from proxy.limits.engine import Limiter
+from proxy.limits.plans import RulePlan, plan_rules
 from proxy.limits.store import Check, MemoryLimitStore
 from proxy.metrics import Metrics
 
@@ -72,7 +73,7 @@ async def test_keys_are_the_hashed_client_and_the_rule_tag() -> None:
 async def test_checks_are_built_once_per_client_and_the_cache_is_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(engine, "CHECKS_CACHE_MAX", 3)
+    monkeypatch.setattr(plans_module, "CHECKS_CACHE_MAX", 3)
     config, plans, limiter, store = setup()
     for _ in range(2):
         await limiter.check(config, plans, ["one"], Request(), "10.0.0.1", "r")

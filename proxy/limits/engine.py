@@ -13,126 +13,29 @@ where fail-open/closed is decided.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 from proxy.config import Config, HeaderPolicy, StorageConfig
 from proxy.errors import StorageError
-from proxy.limits.algorithms import Outcome, Policy
+from proxy.limits.algorithms import Outcome
 from proxy.limits.breaker import Breaker
 from proxy.limits.headers import (
     Quoted,
-    policy_item,
     render,
     render_one,
     retry_after_seconds,
-    sf_string,
 )
 from proxy.limits.identity import RequestView, client_ip, identify
+from proxy.limits.plans import CandidateRules, RulePlan, checks_for
 from proxy.limits.store import Check, LimitStore, MemoryLimitStore
 from proxy.limitspec import LimitRule
 from proxy.metrics import Children, Metrics
 
 log = logging.getLogger("sluice.limits")
 DENY_CACHE_MAX = 100_000
-CHECKS_CACHE_MAX = 4096  # per rule: the latest clients' checks, built once (keys hashed once)
-ALGO_TAGS = {
-    "fixed_window": "fw",
-    "sliding_window_log": "swl",
-    "sliding_window_counter": "swc",
-    "token_bucket": "tb",
-    "gcra": "gcra",
-}
-
-
-def _window_text(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds * 1000:g}ms"
-
-
-@dataclass(frozen=True, slots=True)
-class RulePlan:
-    """A rule prepared once per config load, so requests do no parsing."""
-
-    rule: LimitRule
-    policies: tuple[Policy, ...]
-    local_policies: tuple[Policy, ...]  # limits divided by storage.expected_instances
-    labels: tuple[str, ...]  # each quota's name in the IETF headers (sf-string)
-    policy_items: tuple[str, ...]  # each quota's RateLimit-Policy member
-    tags: tuple[str, ...]  # per quota: "<rule>:<algorithm>:<fingerprint>", part of its key
-    # Per client, this rule's checks at its configured cost (see ``_checks``). A plan
-    # lives as long as its config, so a reload starts afresh with the new policies.
-    checks: dict[str, tuple[Check, ...]] = field(default_factory=dict, compare=False, repr=False)
-
-
-def _fingerprint(policy: Policy) -> str:
-    """Stored state is in units of its policy: a changed limit or window gets fresh keys
-    rather than misreading the old state."""
-    text = f"{policy.limit}/{policy.window_ms!r}/{policy.burst}"
-    return hashlib.blake2b(text.encode(), digest_size=3).hexdigest()
-
-
-def plan_rules(limits: Mapping[str, LimitRule], storage: StorageConfig) -> dict[str, RulePlan]:
-    plans = {}
-    n = storage.expected_instances
-    for name, rule in limits.items():
-        policies = tuple(
-            Policy(rule.algorithm, q.limit, q.window * 1000, rule.burst) for q in rule.quotas
-        )
-        local = tuple(
-            Policy(p.algorithm, max(1, p.limit // n), p.window_ms, p.burst // n if p.burst else 0)
-            for p in policies
-        )
-        names = (
-            (name,)
-            if len(rule.quotas) == 1
-            else tuple(f"{name}/{_window_text(q.window)}" for q in rule.quotas)
-        )
-        plans[name] = RulePlan(
-            rule,
-            policies,
-            local,
-            tuple(sf_string(n) for n in names),
-            tuple(
-                policy_item(n, q.limit, q.window) for n, q in zip(names, rule.quotas, strict=True)
-            ),
-            tuple(f"{name}:{ALGO_TAGS[p.algorithm]}:{_fingerprint(p)}" for p in policies),
-        )
-    return plans
-
-
-CANDIDATE_TAG = "c:"  # candidate keys: sl:{client}:c:<rule>:…, never a live rule's counters
-
-
-def candidate_plans(plans: Mapping[str, RulePlan]) -> dict[str, RulePlan]:
-    """A what-if candidate's plans: every check in shadow, under keys of its own (the
-    candidate's own ``shadow`` flags stay on its config's rules)."""
-    return {
-        name: replace(
-            plan,
-            rule=replace(plan.rule, shadow=True),
-            tags=tuple(CANDIDATE_TAG + tag for tag in plan.tags),
-            checks={},
-        )
-        for name, plan in plans.items()
-    }
-
-
-@dataclass(frozen=True, slots=True)
-class CandidateRules:
-    """A what-if candidate's rules for one request (``proxy.whatif``): decided in the
-    same store call as the live ones, in shadow, never changing the answer."""
-
-    config: Config
-    plans: Mapping[str, RulePlan]  # from ``candidate_plans``
-    rule_names: Sequence[str]
-    route: str
 
 
 @dataclass(slots=True)
@@ -168,38 +71,6 @@ class _Pending:
     client: str
     cost: int
     checks: Sequence[Check]
-
-
-def _client_hash(client: str) -> str:
-    return hashlib.blake2b(client.encode(), digest_size=9).hexdigest()
-
-
-@lru_cache(maxsize=CHECKS_CACHE_MAX)
-def _key_prefix(client: str) -> str:
-    """``sl:{<client hash>}:``: the hash tag keeps one client's keys on one Cluster slot."""
-    return f"sl:{{{_client_hash(client)}}}:"
-
-
-def _checks(plan: RulePlan, client: str, cost: int) -> tuple[Check, ...]:
-    """The rule's checks for this client; at the rule's own cost they are built once
-    per client (the latest ``CHECKS_CACHE_MAX`` clients) and reused."""
-    rule = plan.rule
-    cacheable = cost == rule.cost
-    if cacheable:
-        found = plan.checks.get(client)
-        if found is not None:
-            return found
-    prefix = _key_prefix(client)
-    made = tuple(
-        Check(prefix + tag, policy, cost, rule.shadow)
-        for tag, policy in zip(plan.tags, plan.policies, strict=True)
-    )
-    if cacheable:
-        cache = plan.checks
-        if len(cache) >= CHECKS_CACHE_MAX:
-            del cache[next(iter(cache))]  # the oldest entry
-        cache[client] = made
-    return made
 
 
 def _tag(key: str) -> str:
@@ -267,7 +138,7 @@ def _candidate_pending(
         if isinstance(found, Verdict):
             return None
         client, cost = found
-        out.append(_Pending(plan, client, cost, _checks(plan, client, cost)))
+        out.append(_Pending(plan, client, cost, checks_for(plan, client, cost)))
     return out
 
 
@@ -406,7 +277,7 @@ class Limiter:
                             self._whatif_requests("rejected", "not_evaluated").inc()
                         return self._cached_denial(plan, client, cached, now, headers, route)
                     del self.deny_cache[(rule.name, client, cost)]
-            pending.append(_Pending(plan, client, cost, _checks(plan, client, cost)))
+            pending.append(_Pending(plan, client, cost, checks_for(plan, client, cost)))
         if candidate is None:
             if not pending:
                 return ALLOW
