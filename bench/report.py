@@ -35,6 +35,8 @@ PAIRED_WITH: dict[str, tuple[str, ...]] = {
     "sluice-redirect-hooks": ("sluice-redirect",),
     "sluice-reject": (),
     "sluice-reject-hooks": ("sluice-reject",),
+    "sluice-mixed": (),
+    "sluice-mixed-hooks": ("sluice-mixed",),
 }
 LINK_TARGETS = {
     "sluice-redirect/sluice": (1.0, "a cached redirect at least as fast as a proxied request"),
@@ -45,6 +47,10 @@ LINK_TARGETS = {
     "sluice-reject-hooks/sluice-reject": (
         0.95,
         "webhooks cost <= 5% (a 429 for every request, rejections aggregated)",
+    ),
+    "sluice-mixed-hooks/sluice-mixed": (
+        0.95,
+        "webhooks cost <= 5% (mixed traffic: 8 proxied : 1 click : 1 rejected)",
     ),
 }
 KEPT_UP = 0.9  # deliveries keep up: events delivered during a run / events queued

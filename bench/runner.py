@@ -43,7 +43,7 @@ from bench.procs import (
     reaped_children_seconds,
 )
 from bench.redis_stats import CommandCounts
-from bench.sluice import Counters, read_counters, set_webhook
+from bench.sluice import FLOOD_PREFIX, Counters, read_counters, set_webhook
 from bench.targets import Endpoint
 from bench.wrk import Load, WrkResult
 
@@ -106,10 +106,22 @@ def _ours(lab_pids: Sequence[int]) -> float:
     return cpu_seconds(lab_pids) + reaped_children_seconds() + own_seconds()
 
 
-def unexpected(result: WrkResult, denies: bool, redirected: int | None = None) -> int:
+def rejected_share(mix: Sequence[str]) -> float:
+    """The share of a mixed run's requests meant to be answered 429."""
+    return sum(p.startswith(FLOOD_PREFIX) for p in mix) / len(mix) if mix else 0.0
+
+
+def unexpected(
+    result: WrkResult, denies: bool, redirected: int | None = None, rejected_share: float = 0.0
+) -> int:
     """Answers of the wrong kind: status >= 400 (wrk's "Non-2xx or 3xx" count, which
     leaves 3xx out), or for a target meant to deny, the others; for one meant to
-    redirect, also the answers Sluice did not count as redirects (``redirected``)."""
+    redirect, also the answers Sluice did not count as redirects (``redirected``); for
+    a mixed one, 429s beyond ``rejected_share`` of the requests (give or take the
+    requests in flight when wrk stopped)."""
+    if rejected_share:
+        expected = result.requests * rejected_share
+        return result.socket_errors + max(0, round(abs(result.non_2xx - expected)) - 64)
     wrong = result.requests - result.non_2xx if denies else result.non_2xx
     if redirected is not None:
         wrong += max(0, result.requests - result.non_2xx - redirected)
@@ -140,7 +152,7 @@ def _warm(endpoint: Endpoint, load: Load, wrk_cpus: str | None) -> None:
     """Untimed load; what it leaves queued is worked off while the next targets warm up."""
     if endpoint.webhooks and endpoint.admin_url:
         set_webhook(endpoint.admin_url, enabled=True)
-    wrk.run(endpoint.url, load, wrk_cpus)
+    wrk.run(endpoint.url, load, wrk_cpus, endpoint.mix)
     if endpoint.webhooks and endpoint.admin_url:
         set_webhook(endpoint.admin_url, enabled=False)
 
@@ -165,7 +177,7 @@ def measure(
         machine_busy_seconds(),
         time.monotonic(),
     )
-    result = wrk.run(endpoint.url, load, wrk_cpus)
+    result = wrk.run(endpoint.url, load, wrk_cpus, endpoint.mix)
     used = cpu_seconds(pids) - before
     foreign = (machine_busy_seconds() - busy) - (_ours(lab_pids) - ours)
     storage = redis_cpu = None
@@ -197,7 +209,7 @@ def measure(
         result,
         used * 1e6 / max(result.requests, 1),
         foreign_cpus,
-        unexpected(result, endpoint.denies, redirected),
+        unexpected(result, endpoint.denies, redirected, rejected_share(endpoint.mix)),
         storage,
         redis_cpu,
         counters,

@@ -22,6 +22,10 @@ the target's ``data_dir``, as do the events' outbox):
   the proxied route: every request after the first is a 429 from the deny
   cache. (A ``shadow: true`` rule would let every request through, but shadow
   rejections are not handed to the events emitter: only enforced ones are.)
+* ``MIXED``: ``REJECT``'s rule on a ``/flood/`` route only, the rest proxied
+  without limits; wrk (``mixed.lua``) requests ``MIX`` in turn: 8 proxied
+  requests, 1 click on ``/s/hot``, 1 request over the rule (a 429): traffic
+  where every click and rejection emits, but most requests are proxied;
 * ``*_HOOKS``: the same with ``notifications.webhooks``: one subscription to
   every event type, delivered to the lab's nginx upstream (``return 200`` to
   any POST, ~10 µs each, on the upstream's CPU), in batches (``HOOK_BATCH``:
@@ -64,6 +68,7 @@ class Variant:
     denies: bool = False  # meant to answer 429 to (nearly) every request
     redirects: bool = False  # ``redirects: {prefix: /s/}``, an admin token, the link ``hot``
     webhooks: bool = False  # one webhook subscribed to every event, to the upstream
+    mixed: bool = False  # proxied, redirected and rejected requests in turn (``MIX``)
 
 
 REDIRECT_PREFIX = "/s/"
@@ -117,6 +122,11 @@ REDIRECT = Variant(redirects=True)
 REDIRECT_HOOKS = Variant(redirects=True, webhooks=True)
 REJECT = Variant(limits=(TINY,), denies=True, redirects=True)
 REJECT_HOOKS = Variant(limits=(TINY,), denies=True, redirects=True, webhooks=True)
+MIXED = Variant(limits=(TINY,), redirects=True, mixed=True)
+MIXED_HOOKS = Variant(limits=(TINY,), redirects=True, webhooks=True, mixed=True)
+FLOOD_PREFIX = "/flood/"  # the mixed variants' route under TINY: 429 after its first request
+PROXIED = "/bench/item?id=1"
+MIX = (PROXIED,) * 8 + (REDIRECT_PREFIX + HOT_CODE, FLOOD_PREFIX + "x")
 
 
 def rules(
@@ -138,17 +148,19 @@ def rules(
         "storage": {"url": storage, "data_dir": str(data_dir)},
         "upstreams": {"origin": {"url": upstream}},
         "limits": [dict(limit) for limit in variant.limits],
-        "routes": [
-            {
-                "name": "all",
-                "match": {"path_prefix": "/"},
-                "upstream": "origin",
-                "limits": [str(limit["name"]) for limit in variant.limits],
-            }
-        ],
+        "routes": _routes(variant),
         "server": {"shutdown_grace": "1s"},
         **extra,
     }
+
+
+def _routes(variant: Variant) -> list[dict[str, object]]:
+    names = [str(limit["name"]) for limit in variant.limits]
+    everything = {"name": "all", "match": {"path_prefix": "/"}, "upstream": "origin"}
+    if not variant.mixed:
+        return [{**everything, "limits": names}]
+    flood = {"name": "flood", "match": {"path_prefix": FLOOD_PREFIX}, "upstream": "origin"}
+    return [{**flood, "limits": names}, {**everything, "limits": []}]
 
 
 def write_rules(path: Path, data: Mapping[str, object]) -> Path:

@@ -71,6 +71,7 @@ class Endpoint:
     admin_url: str | None = None  # Sluice's admin listener (the links and webhooks API)
     webhooks: bool = False  # deliveries paused outside this target's own runs
     settles: bool = False  # after each run, wait until its processes are idle
+    mix: tuple[str, ...] = ()  # paths requested in turn (wrk's mixed.lua) instead of url's
 
 
 @dataclass
@@ -218,6 +219,7 @@ def sluice_target(variant: sluice.Variant, path: str = PATH) -> Starter:
             admin_url=admin,
             webhooks=variant.webhooks,
             settles=variant.redirects or variant.webhooks,
+            mix=sluice.MIX if variant.mixed else (),
         )
 
     return start_sluice
@@ -267,6 +269,21 @@ TARGETS: tuple[Target, ...] = (
         "sluice-reject-hooks",
         "the same + a webhook for every event: rejections aggregated per client per 10 s",
         sluice_target(sluice.REJECT_HOOKS),
+        loads=LOADED_ONLY,
+        links=True,
+    ),
+    Target(
+        "sluice-mixed",
+        "Sluice, memory://, mixed traffic in turn: 8 proxied requests, 1 click on /s/hot,"
+        " 1 request over a 1/h rule (429)",
+        sluice_target(sluice.MIXED),
+        loads=LOADED_ONLY,
+        links=True,
+    ),
+    Target(
+        "sluice-mixed-hooks",
+        "the same + a webhook for every event: each click and each rejection emits",
+        sluice_target(sluice.MIXED_HOOKS),
         loads=LOADED_ONLY,
         links=True,
     ),

@@ -10,6 +10,7 @@ from pathlib import Path
 from bench.procs import BenchError, binary, pinned
 
 PACED_SCRIPT = Path(__file__).resolve().parent / "paced.lua"
+MIXED_SCRIPT = Path(__file__).resolve().parent / "mixed.lua"
 
 _MS_PER = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 _PERCENTILE = re.compile(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.M)
@@ -78,8 +79,14 @@ def parse(output: str) -> WrkResult:
     )
 
 
-def run(url: str, load: Load, cpus: str | None) -> WrkResult:
-    cmd = pinned([binary("wrk"), *load.args(), url], cpus)
+def run(url: str, load: Load, cpus: str | None, mix: tuple[str, ...] = ()) -> WrkResult:
+    """One wrk run; ``mix``: request these paths of ``url``'s host in turn instead."""
+    args = load.args()
+    if mix:  # the mix replaces the paced script: mixed targets run the "loaded" load only
+        args = [a for a in args if a not in ("-s", str(PACED_SCRIPT))]
+        cmd = pinned([binary("wrk"), *args, "-s", str(MIXED_SCRIPT), url, "--", *mix], cpus)
+    else:
+        cmd = pinned([binary("wrk"), *args, url], cpus)
     try:
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=load.duration + 30, check=False
