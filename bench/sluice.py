@@ -24,8 +24,9 @@ the target's ``data_dir``, as do the events' outbox):
   rejections are not handed to the events emitter: only enforced ones are.)
 * ``MIXED``: ``REJECT``'s rule on a ``/flood/`` route only, the rest proxied
   without limits; wrk (``mixed.lua``) requests ``MIX`` in turn: 8 proxied
-  requests, 1 click on ``/s/hot``, 1 request over the rule (a 429): traffic
-  where every click and rejection emits, but most requests are proxied;
+  requests, 1 click on ``/s/hot``, 1 request over the rule (a 429): mostly
+  proxied traffic where every click emits an event (the rejections, all from
+  wrk's one client, are aggregated into one event per 10 s);
 * ``*_HOOKS``: the same with ``notifications.webhooks``: one subscription to
   every event type, delivered to the lab's nginx upstream (``return 200`` to
   any POST, ~10 µs each, on the upstream's CPU), in batches (``HOOK_BATCH``:

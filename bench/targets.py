@@ -282,7 +282,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "sluice-mixed-hooks",
-        "the same + a webhook for every event: each click and each rejection emits",
+        "the same + a webhook for every event: each click emits (rejections aggregated)",
         sluice_target(sluice.MIXED_HOOKS),
         loads=LOADED_ONLY,
         links=True,

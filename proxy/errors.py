@@ -29,4 +29,9 @@ class ConfigError(Exception):
 
 
 class StorageError(Exception):
-    """A storage backend failed or missed its deadline (wraps the driver's error)."""
+    """A storage backend failed or missed its deadline (wraps the driver's error).
+
+    ``failed_keys``: set by a call spread over several Redis Cluster masters, the
+    keys of the parts that failed (so only their masters' breakers are charged)."""
+
+    failed_keys: list[str] | None = None

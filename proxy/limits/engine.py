@@ -12,7 +12,6 @@ where fail-open/closed is decided.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,7 @@ from proxy.metrics import Children, Metrics
 
 log = logging.getLogger("sluice.limits")
 DENY_CACHE_MAX = 100_000
+STORE = "*"  # the whole store's breaker (no Cluster, or no slot map yet)
 
 
 @dataclass(slots=True)
@@ -161,10 +161,16 @@ class Limiter:
         # dead master degrades only the clients whose keys it holds. ``breaker_state``
         # is the worst of them; transitions of that are what is logged and emitted.
         self.breaker = self._new_breaker()
+        self._store_breakers = {STORE: self.breaker}
         self.node_breakers: dict[str, Breaker] = {}
         self.breaker_state = "closed"
-        node_of = getattr(store, "node_of", None) if getattr(store, "cluster", False) else None
+        cluster = getattr(store, "cluster", False)
+        node_of = getattr(store, "node_of", None) if cluster else None
         self._node_of: Callable[[str], str | None] | None = node_of
+        self._masters: Callable[[], Sequence[str]] | None = (
+            getattr(store, "masters", None) if cluster else None
+        )
+        self._known_masters: Sequence[str] | None = None
         self.deny_cache: dict[tuple[str, str, int], tuple[float, list[Outcome]]] = {}
         self.storage_calls = 0
         self.last_error: str | None = None
@@ -192,42 +198,62 @@ class Limiter:
         """Cluster masters whose breaker is not closed (their clients are degraded)."""
         return sorted(n for n, b in self.node_breakers.items() if b.state != "closed")
 
-    def _new_breaker(self) -> Breaker:
+    def _new_breaker(self, node: str = STORE) -> Breaker:
+        def changed(old: str, new: str) -> None:
+            if node != STORE:
+                log.info("storage breaker of %s: %s → %s", node, old, new)
+            self._recompute()
+
         return Breaker(
             self._storage.breaker_failures,
             self._storage.breaker_reset,
             clock=self.clock,
-            on_change=self._any_changed,
+            on_change=changed,
         )
 
-    def _any_changed(self, old: str, new: str) -> None:
-        breakers = [self.breaker, *self.node_breakers.values()]
-        states = {b.state for b in breakers}
+    def _recompute(self) -> None:
+        """The worst state of the breakers in use; its changes are what is reported."""
+        states = {self.breaker.state, *(b.state for b in self.node_breakers.values())}
         worst = "open" if "open" in states else "half_open" if "half_open" in states else "closed"
-        if self.node_breakers and old != new:
-            log.info("storage breaker %s → %s (open: %s)", old, new, self.open_nodes or "none")
         if worst != self.breaker_state:
             previous, self.breaker_state = self.breaker_state, worst
             self._breaker_changed(previous, worst)
 
-    def _breakers_for(self, checks: Sequence[Check]) -> list[Breaker]:
-        """The breakers a call on ``checks`` goes through: its masters' on a Cluster
-        whose slot map is known, else the store's."""
+    def _breakers_for(self, checks: Sequence[Check]) -> dict[str, Breaker]:
+        """The breakers a call on ``checks`` goes through, by master: its masters' on a
+        Cluster whose slot map is known, else the store's."""
         if self._node_of is None:
-            return [self.breaker]
-        nodes: set[str] = set()
+            return self._store_breakers
+        self._follow_slot_map()
+        found: dict[str, Breaker] = {}
         for check in checks:
             node = self._node_of(check.key)
             if node is None:
-                return [self.breaker]
-            nodes.add(node)
-        out = []
-        for node in nodes:
-            found = self.node_breakers.get(node)
-            if found is None:
-                found = self.node_breakers[node] = self._new_breaker()
-            out.append(found)
-        return out
+                return self._store_breakers
+            if node not in found:
+                breaker = self.node_breakers.get(node)
+                if breaker is None:
+                    breaker = self.node_breakers[node] = self._new_breaker(node)
+                found[node] = breaker
+        if self.breaker.state != "closed":  # the map is known again: the store answers
+            self.breaker.success()
+        return found
+
+    def _follow_slot_map(self) -> None:
+        """Forget the breakers of masters the slot map no longer names (failed over,
+        removed): nothing would probe them, and they would report degraded forever."""
+        if self._masters is None:
+            return
+        masters = self._masters()
+        if masters is self._known_masters:
+            return
+        self._known_masters = masters
+        gone = [node for node in self.node_breakers if node not in masters]
+        for node in gone:
+            del self.node_breakers[node]
+        if gone:
+            log.info("storage breakers dropped for masters no longer serving: %s", gone)
+            self._recompute()
 
     def _breaker_changed(self, old: str, new: str) -> None:
         self.metrics.breaker_open.set(0 if new == "closed" else 1)
@@ -335,30 +361,28 @@ class Limiter:
 
     async def _call(self, checks: Sequence[Check]) -> list[Outcome] | None:
         """One store call behind its breaker(s); None when it failed or was not made."""
-        if self._node_of is None:
-            breakers = None
-            if not self.breaker.allow():
+        breakers = self._breakers_for(checks)
+        probes: list[Breaker] = []  # half-open breakers whose one probe this call is
+        for breaker in breakers.values():
+            if not breaker.allow():
+                for probe in probes:
+                    probe.abandon()
                 return None
-        else:
-            breakers = self._breakers_for(checks)
-            for i, breaker in enumerate(breakers):
-                if not breaker.allow():
-                    for taken in breakers[:i]:
-                        taken.abandon()
-                    return None
+            if breaker.state == "half_open":
+                probes.append(breaker)
         started = time.perf_counter()
         try:
             outcomes = await self.store.decide(checks)
         except StorageError as exc:
             self._storage_failed(exc, breakers)
             return None
-        except asyncio.CancelledError:  # the client went away mid-call
-            for breaker in breakers or (self.breaker,):
-                breaker.abandon()
+        except BaseException:  # cancelled (the client went away), or a bug: free the probes
+            for probe in probes:
+                probe.abandon()
             raise
         self.storage_calls += 1
         self._latency.observe(time.perf_counter() - started)
-        for breaker in breakers or (self.breaker,):
+        for breaker in breakers.values():
             breaker.success()
         return outcomes
 
@@ -366,10 +390,13 @@ class Limiter:
         """Candidate checks on other Cluster slots: a second call, made only for a request
         the live rules admitted (shadow checks are charged only then) and while the
         breaker is closed; its failure only leaves this comparison out."""
-        if verdict.status is not None or self.breaker_state != "closed":
+        checks = [c for p in apart for c in p.checks]
+        if verdict.status is not None:
             return None
+        if any(b.state != "closed" for b in self._breakers_for(checks).values()):
+            return None  # one of its masters is down: no probe taken, no wait
         try:
-            return await self.store.decide([c for p in apart for c in p.checks])
+            return await self.store.decide(checks)
         except StorageError:
             return None
 
@@ -403,13 +430,21 @@ class Limiter:
             self._whatif_decisions(name, result).inc()
         self._whatif_requests(live, "allowed" if admitted else "rejected").inc()
 
-    def _storage_failed(self, exc: StorageError, breakers: list[Breaker] | None = None) -> None:
-        """A failed call counts against every breaker it went through (a call spanning
-        masters cannot tell which one failed)."""
+    def _storage_failed(self, exc: StorageError, breakers: dict[str, Breaker]) -> None:
+        """A failed call counts against the breakers of the masters that failed it (a
+        call across slots says which: ``failed_keys``); the others answered."""
         self.last_error = f"{type(exc).__name__}: {exc}"
         self.metrics.storage_errors.labels(type(exc).__name__).inc()
-        for breaker in breakers or (self.breaker,):
-            breaker.failure()
+        failed = (
+            {self._node_of(k) for k in exc.failed_keys}
+            if exc.failed_keys and self._node_of is not None
+            else None
+        )
+        for node, breaker in breakers.items():
+            if failed is None or node in failed:
+                breaker.failure()
+            else:
+                breaker.success()
         now = self.clock()
         if now - self._last_log > 5:
             self._last_log = now

@@ -52,7 +52,7 @@ class RulePlan:
     labels: tuple[str, ...]  # each quota's name in the IETF headers (sf-string)
     policy_items: tuple[str, ...]  # each quota's RateLimit-Policy member
     tags: tuple[str, ...]  # per quota: "<rule>:<algorithm>:<fingerprint>", part of its key
-    # Per client, this rule's checks at its configured cost (see ``_checks``). A plan
+    # Per client, this rule's checks at its configured cost (see ``checks_for``). A plan
     # lives as long as its config, so a reload starts afresh with the new policies.
     checks: dict[str, tuple[Check, ...]] = field(default_factory=dict, compare=False, repr=False)
 

@@ -185,6 +185,10 @@ class ClusterRedis:
         """The master serving ``key`` by the slot map known now (None before it is)."""
         return self._slots[key_slot(key)]
 
+    def masters(self) -> list[str]:
+        """The masters of the slot map known now (a new list whenever it is reloaded)."""
+        return self._nodes
+
     async def execute(self, *args: CommandArg, key: str | bytes | None = None) -> Any:
         """Run a command on the master owning ``key`` (any master without a key)."""
         return await self._routed(None if key is None else key_slot(key), args)

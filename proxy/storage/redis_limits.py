@@ -66,6 +66,11 @@ class RedisLimitStore:
         node_of = getattr(self.backend, "node_of", None)
         return node_of(key) if self.cluster and node_of is not None else None
 
+    def masters(self) -> list[str]:
+        """On a Cluster, the masters of the current slot map."""
+        masters = getattr(self.backend, "masters", None)
+        return masters() if self.cluster and masters is not None else []
+
     async def decide(self, checks: Sequence[Check]) -> list[Outcome]:
         if self.cluster and len(checks) > 1:
             groups: dict[int, list[int]] = {}
@@ -82,7 +87,12 @@ class RedisLimitStore:
         results: list[Any] = await asyncio.gather(
             *(self._call(p) for p in parts), return_exceptions=True
         )
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        failed: BaseException | None = None
+        failed_keys: list[str] = []
+        for part, result in zip(parts, results, strict=True):
+            if isinstance(result, BaseException):
+                failed = failed or result
+                failed_keys += [c.key for c in part]
         denied = failed is None and any(
             not o.allowed and not c.shadow
             for part, (outcomes, _) in zip(parts, results, strict=True)
@@ -91,9 +101,13 @@ class RedisLimitStore:
         if failed is not None or denied:
             await self._refund(parts, results)
         if failed is not None:
-            if isinstance(failed, StorageError):
-                raise failed
-            raise StorageError(f"cluster call failed: {failed!r}") from failed
+            error = (
+                failed
+                if isinstance(failed, StorageError)
+                else StorageError(f"cluster call failed: {failed!r}")
+            )
+            error.failed_keys = failed_keys  # whose masters failed it
+            raise error from None if error is failed else failed
         out: list[Outcome | None] = [None] * len(checks)
         for group, (outcomes, _) in zip(groups, results, strict=True):
             for i, outcome in zip(group, outcomes, strict=True):
