@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from proxy.errors import StorageError
 from proxy.events.model import Event
 from proxy.events.outbox import DeadLetter, Delivery, QueueStats, SubscriptionState
+from proxy.storage.sqlite import connect
 
 T = TypeVar("T")
 FILENAME = "events.sqlite3"
@@ -119,11 +120,7 @@ class SqliteOutbox:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout={self._busy_ms}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn = connect(self.path, busy_timeout=self._busy_ms / 1000, synchronous="FULL")
             conn.executescript(_SCHEMA)
             self._conn, self._durable = conn, True
         return self._conn

@@ -56,6 +56,7 @@ from proxy.links.store import (
     reusable,
     stats_days,
 )
+from proxy.storage.sqlite import connect
 
 T = TypeVar("T")
 # ``list`` is a method of the store class, so its bodies name list types through these:
@@ -122,11 +123,8 @@ class SQLiteLinkStore:
         return result
 
     def _setup(self, secret: str | None) -> str:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        db = connect(self.path, busy_timeout=self._busy_timeout)
         self._conn = db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
         return self._write(lambda db: migrate(db, secret, str(self.path)))
 
     def _close(self) -> None:

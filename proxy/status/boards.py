@@ -39,6 +39,7 @@ from proxy.status.clients import (
     split_member,
 )
 from proxy.storage.redis_client import RedisBackend, open_redis
+from proxy.storage.sqlite import connect
 
 T = TypeVar("T")
 FILENAME = "status.sqlite3"
@@ -154,10 +155,7 @@ class SQLiteClientBoard:
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
             if self._conn is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
+                conn = connect(self.path, busy_timeout=self._busy_timeout)
                 conn.execute(_SCHEMA)
                 self._conn = conn
             return fn(self._conn)
