@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +15,7 @@ import pytest
 from tests.inproc import Sluice, running, write_rules
 from tests.load import client_slot
 from tests.servers import RedisServer, binary, free_port, redis_cli
-from tests.topologies import RedisClusterSetup
+from tests.topologies import RedisClusterSetup, _wait
 
 LIMIT = 5
 RULES = """
@@ -50,7 +49,12 @@ class ClusterWithReplica(RedisClusterSetup):
         add = [binary("redis-cli"), "--cluster", "add-node", f"127.0.0.1:{port}"]
         add += [f"127.0.0.1:{self.ports[0]}", "--cluster-slave", "--cluster-master-id", master]
         subprocess.run(add, capture_output=True, text=True, timeout=30, check=True)
-        wait(lambda: "master_link_status:up" in redis_cli(port, "info", "replication"), 30)
+        _wait(
+            "the replica in sync",
+            lambda: "master_link_status:up" in redis_cli(port, "info", "replication"),
+            30,
+            [*self._logs(), self.replica.workdir / "redis.log"],
+        )
         return self
 
     def stop(self) -> None:
@@ -58,14 +62,6 @@ class ClusterWithReplica(RedisClusterSetup):
         if replica is not None:
             replica.stop()
         super().stop()
-
-
-def wait(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
