@@ -18,7 +18,9 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
     multiprocess,
@@ -84,6 +86,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        if not multiprocess_dir():  # per process: one worker's would mislead beside the sums
+            GCCollector(registry=r)  # python_gc_*: see worker.GC_THRESHOLDS
+            ProcessCollector(registry=r)  # process_*: CPU seconds, resident memory, open fds
         self.requests = Counter(
             "sluice_requests",
             "Requests answered on the main listener.",
