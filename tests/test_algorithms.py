@@ -19,6 +19,7 @@ from proxy.limits.algorithms import (
     State,
     WindowState,
     decide,
+    decide_one,
     evaluate,
     peek,
     refund,
@@ -341,3 +342,24 @@ def test_refund_restores_the_standing(policy: Policy, timeline: list[tuple[int, 
             c.state = refund(policy, c.state, now, cost, c.tokens[-1])
             assert peek(policy, c.state, now) == before
         c.hit(now, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(policy=policies, timeline=timelines, shadow=st.booleans())
+def test_decide_one_is_decide_of_one_check(
+    policy: Policy, timeline: list[tuple[int, int]], shadow: bool
+) -> None:
+    """The memory store's one-check path answers and writes what ``decide`` does."""
+    state: State | None = None
+    now = T0
+    for advance, cost in timeline:
+        now += advance * US
+        (outcome,), states = decide([policy], [state], now, [cost], [shadow])
+        one, write, new = decide_one(policy, state, now, cost, shadow)
+        assert one == outcome
+        assert write == (states is not None)
+        if states is not None:
+            assert new == states[0]
+            state = new
+    with pytest.raises(ValueError, match="cost"):
+        decide_one(policy, None, now, 0)

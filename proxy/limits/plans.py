@@ -131,23 +131,29 @@ def _key_prefix(client: str) -> str:
     return f"sl:{{{_client_hash(client)}}}:"
 
 
-def checks_for(plan: RulePlan, client: str, cost: int) -> tuple[Check, ...]:
+def checks_for(plan: RulePlan, client: str, cost: int) -> Sequence[Check]:
     """The rule's checks for this client; at the rule's own cost they are built once
-    per client (the latest ``CHECKS_CACHE_MAX`` clients) and reused."""
+    per client (the latest ``CHECKS_CACHE_MAX`` clients) and reused, as a tuple.
+    At another cost (``cost: header:…``) they are a list, built for the one request:
+    a store may keep what it derives from a tuple (the Redis store, its packed
+    command), never from a list."""
     rule = plan.rule
-    cacheable = cost == rule.cost
-    if cacheable:
-        found = plan.checks.get(client)
-        if found is not None:
-            return found
+    if cost != rule.cost:
+        prefix = _key_prefix(client)
+        return [
+            Check(prefix + tag, policy, cost, rule.shadow)
+            for tag, policy in zip(plan.tags, plan.policies, strict=True)
+        ]
+    found = plan.checks.get(client)
+    if found is not None:
+        return found
     prefix = _key_prefix(client)
     made = tuple(
         Check(prefix + tag, policy, cost, rule.shadow)
         for tag, policy in zip(plan.tags, plan.policies, strict=True)
     )
-    if cacheable:
-        cache = plan.checks
-        if len(cache) >= CHECKS_CACHE_MAX:
-            del cache[next(iter(cache))]  # the oldest entry
-        cache[client] = made
+    cache = plan.checks
+    if len(cache) >= CHECKS_CACHE_MAX:
+        del cache[next(iter(cache))]  # the oldest entry
+    cache[client] = made
     return made

@@ -66,16 +66,25 @@ class MemoryLimitStore:
 
     def decide_now(self, checks: Sequence[Check]) -> list[Outcome]:
         now = self.clock()
-        states = [self._get(c.key, now) for c in checks]
-        outcomes, new = algorithms.decide(
-            [c.policy for c in checks],
-            states,
-            now,
-            [c.cost for c in checks],
-            [c.shadow for c in checks],
-        )
-        if new is not None:
-            self._store(checks, new, now)
+        if len(checks) == 1:  # one quota: the common case, without the lists
+            c = checks[0]
+            outcome, write, state = algorithms.decide_one(
+                c.policy, self._get(c.key, now), now, c.cost, c.shadow
+            )
+            if write:
+                self._store(checks, (state,), now)
+            outcomes = [outcome]
+        else:
+            states = [self._get(c.key, now) for c in checks]
+            outcomes, new = algorithms.decide(
+                [c.policy for c in checks],
+                states,
+                now,
+                [c.cost for c in checks],
+                [c.shadow for c in checks],
+            )
+            if new is not None:
+                self._store(checks, new, now)
         self._ops += 1
         if self._ops % self.SWEEP_EVERY == 0 or len(self.states) > self.max_keys:
             self.sweep(now)

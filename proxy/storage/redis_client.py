@@ -17,7 +17,13 @@ from proxy.storage.errors import ReadOnlyError, StorageError, StorageUnavailable
 from proxy.storage.redis_cluster import ClusterRedis
 from proxy.storage.redis_pool import ConnectionPool
 from proxy.storage.redis_url import RedisURL, connect_options, parse_redis_url
-from proxy.storage.resp import CommandArg, ConnectOptions, RedisConnection, open_connection
+from proxy.storage.resp import (
+    Command,
+    CommandArg,
+    ConnectOptions,
+    RedisConnection,
+    open_connection,
+)
 
 ScriptArg = str | int | float
 
@@ -56,6 +62,12 @@ class RedisBackend(Protocol):
         ``keys`` must share a slot (Redis answers CROSSSLOT otherwise)."""
         ...
 
+    async def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Any:
+        """``evalsha`` of a command already packed (``evalsha_command`` then
+        ``hiredis.pack_command``), for a caller that sends it many times; ``key``
+        (one of its keys) routes it in a cluster."""
+        ...
+
     async def evalsha_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """Run several scripts concurrently (one per slot group in a cluster);
         results in order. Not atomic across calls: if one fails, the others
@@ -73,7 +85,7 @@ async def _gather_scripts(backend: RedisBackend, calls: Sequence[ScriptCall]) ->
     return results
 
 
-def _evalsha_command(
+def evalsha_command(
     sha: str, keys: Sequence[str], args: Sequence[ScriptArg]
 ) -> tuple[CommandArg, ...]:
     return ("EVALSHA", sha, len(keys), *keys, *args)
@@ -109,7 +121,10 @@ class StandaloneRedis:
     async def evalsha(
         self, script: bytes, sha: str, keys: Sequence[str], args: Sequence[ScriptArg]
     ) -> Any:
-        return await self._pool.call_script(script, _evalsha_command(sha, keys, args))
+        return await self._pool.call_script(script, evalsha_command(sha, keys, args))
+
+    async def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Any:
+        return await self._pool.call_script(script, packed)
 
     async def evalsha_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
         return await _gather_scripts(self, calls)
@@ -245,8 +260,13 @@ class SentinelRedis:
     async def evalsha(
         self, script: bytes, sha: str, keys: Sequence[str], args: Sequence[ScriptArg]
     ) -> Any:
+        return await self._script(script, evalsha_command(sha, keys, args))
+
+    async def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Any:
+        return await self._script(script, packed)
+
+    async def _script(self, script: bytes, command: Command) -> Any:
         self._maybe_check()
-        command = _evalsha_command(sha, keys, args)
         try:
             return await self._pool.call_script(script, command)
         except ReadOnlyError:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.storage.errors import AskError, MovedError, StorageError, StorageUnavailable
 from proxy.storage.redis_pool import ConnectionPool
-from proxy.storage.resp import CommandArg, ConnectOptions, RedisConnection, open_connection
+from proxy.storage.resp import Command, CommandArg, ConnectOptions, RedisConnection, open_connection
 
 if TYPE_CHECKING:
     from proxy.storage.redis_client import ScriptArg, ScriptCall
@@ -155,9 +155,7 @@ class ClusterRedis:
 
     # -- calls ------------------------------------------------------------------
 
-    async def _routed(
-        self, slot: int | None, command: tuple[CommandArg, ...], script: bytes | None = None
-    ) -> Any:
+    async def _routed(self, slot: int | None, command: Command, script: bytes | None = None) -> Any:
         address = await self._node_for(slot)
         asking = False
         for _ in range(_MAX_REDIRECTS + 1):
@@ -165,6 +163,7 @@ class ClusterRedis:
             try:
                 if script is not None:
                     return await pool.call_script(script, command, asking=asking)
+                assert isinstance(command, tuple), "only scripts are sent packed"
                 if asking:
                     return await pool.call_asking(*command)
                 return await pool.call(*command)
@@ -199,6 +198,10 @@ class ClusterRedis:
         """EVALSHA on the master owning ``keys[0]``'s slot (all keys must share it)."""
         slot = key_slot(keys[0]) if keys else None
         return await self._routed(slot, ("EVALSHA", sha, len(keys), *keys, *args), script)
+
+    async def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Any:
+        """A packed EVALSHA on the master owning ``key``'s slot."""
+        return await self._routed(key_slot(key), packed, script)
 
     async def evalsha_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
         """One EVALSHA per slot group, all in flight at once (across nodes)."""

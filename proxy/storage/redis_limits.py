@@ -19,6 +19,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
+
 from proxy.config import StorageConfig
 from proxy.errors import StorageError
 from proxy.limits.algorithms import Outcome
@@ -30,16 +32,31 @@ from proxy.limits.scripts import (
     refund_args,
 )
 from proxy.limits.store import Check
-from proxy.storage.redis_client import RedisBackend, open_redis
+from proxy.storage.redis_client import RedisBackend, evalsha_command, open_redis
 from proxy.storage.redis_cluster import key_slot
 
 log = logging.getLogger("sluice.storage")
+PACKED_MAX = 4096  # packed EVALSHAs kept, one per client's checks (``plans.checks_for``)
+
+
+def pack_check(checks: Sequence[Check]) -> bytes:
+    """The EVALSHA deciding ``checks`` (Redis ``TIME`` as now), packed as RESP."""
+    args = ["", "check"]  # now: Redis TIME
+    for c in checks:
+        args += policy_args(c.policy, c.cost, c.shadow)
+    command = evalsha_command(CHECK_SHA, [c.key for c in checks], args)
+    packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
+    return packed
 
 
 class RedisLimitStore:
     def __init__(self, backend: RedisBackend, cluster: bool) -> None:
         self.backend = backend
         self.cluster = cluster
+        # By id: a tuple of checks is a rule's checks for one client, built once and
+        # reused for its requests (``plans.checks_for``), so its command is packed once
+        # too. The entry holds the tuple, so its id cannot be reused while cached.
+        self._packed: dict[int, tuple[Sequence[Check], bytes]] = {}
 
     @classmethod
     def from_config(cls, storage: StorageConfig) -> RedisLimitStore:
@@ -51,11 +68,25 @@ class RedisLimitStore:
         )
         return cls(backend, storage.scheme == "redis+cluster")
 
+    def _packed_for(self, checks: Sequence[Check]) -> bytes:
+        """``pack_check(checks)``, kept for tuples (long-lived: see ``__init__``);
+        a list is one request's own and packed afresh."""
+        if type(checks) is not tuple:
+            return pack_check(checks)
+        found = self._packed.get(id(checks))
+        if found is not None and found[0] is checks:
+            return found[1]
+        packed = pack_check(checks)
+        cache = self._packed
+        if len(cache) >= PACKED_MAX:
+            del cache[next(iter(cache))]  # the oldest entry
+        cache[id(checks)] = (checks, packed)
+        return packed
+
     async def _call(self, checks: Sequence[Check]) -> tuple[list[Outcome], list[str]]:
-        args = ["", "check"]  # now: Redis TIME
-        for c in checks:
-            args += policy_args(c.policy, c.cost, c.shadow)
-        reply = await self.backend.evalsha(CHECK_SCRIPT, CHECK_SHA, [c.key for c in checks], args)
+        packed = self._packed_for(checks)
+        key = checks[0].key if checks else ""
+        reply = await self.backend.evalsha_packed(CHECK_SCRIPT, key, packed)
         try:
             return decode_reply([c.policy for c in checks], reply)
         except ValueError as exc:

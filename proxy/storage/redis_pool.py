@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy.storage.errors import NoScriptError, StorageError, StorageUnavailable
-from proxy.storage.resp import CommandArg, RedisConnection
+from proxy.storage.resp import Command, CommandArg, RedisConnection
 
 Connector = Callable[[], Awaitable[RedisConnection]]
 
@@ -139,10 +139,9 @@ class ConnectionPool:
         asking.add_done_callback(_retrieve)
         return await conn.send(args)
 
-    async def call_script(
-        self, script: bytes, command: tuple[CommandArg, ...], *, asking: bool = False
-    ) -> Any:
-        """Run an EVALSHA ``command``; on NOSCRIPT load ``script`` here and retry once."""
+    async def call_script(self, script: bytes, command: Command, *, asking: bool = False) -> Any:
+        """Run an EVALSHA ``command`` (arguments or packed RESP); on NOSCRIPT load
+        ``script`` here and retry once."""
         conn = self._pick() or await self.acquire()  # inlines ``call``: the hot path
         try:
             if asking:
@@ -150,8 +149,10 @@ class ConnectionPool:
             return await conn.send(command)
         except NoScriptError:
             await self.call("SCRIPT", "LOAD", script)
-            send = self.call_asking if asking else self.call
-            return await send(*command)
+            conn = self._pick() or await self.acquire()
+            if asking:
+                conn.send(("ASKING",)).add_done_callback(_retrieve)
+            return await conn.send(command)
 
     def retire(self) -> None:
         """Send no new calls to the open connections; close each once it is idle."""

@@ -39,6 +39,9 @@ from proxy.storage.errors import (
 
 CommandArg = str | bytes | int | float
 """What a command argument may be (hiredis encodes them; ``bool``/``None`` are refused)."""
+Command = tuple[CommandArg, ...] | bytes
+"""A command: its arguments, or already in RESP (``hiredis.pack_command``), for a
+caller that sends the same command many times (the rate-limit store)."""
 
 _TIMER_GRANULARITY = 0.001  # never re-arm the deadline timer sooner than this: bounds its rate
 
@@ -146,11 +149,11 @@ class RedisConnection(asyncio.Protocol):
         """Calls sent and not yet answered (timed-out ones included)."""
         return len(self._pending)
 
-    def send(self, args: tuple[CommandArg, ...]) -> asyncio.Future[Any]:
+    def send(self, args: Command) -> asyncio.Future[Any]:
         """Queue one command (written at the next loop turn); the future gets its reply."""
         # Packed before queuing, so a TypeError cannot skew the FIFO. (The stub wrongly
         # types the argument as a 1-tuple.)
-        packed = hiredis.pack_command(args)  # type: ignore[arg-type]
+        packed = args if type(args) is bytes else hiredis.pack_command(args)  # type: ignore[arg-type]
         transport = self._transport
         if transport is None or self._closing:
             raise StorageUnavailable(f"connection to {self.name} is closed")
