@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import shutil
 import subprocess
 import time
@@ -150,6 +151,25 @@ async def test_concurrent_calls_are_pipelined_and_matched(client: RedisBackend) 
     assert results[:1000] == [f"value-{i}".encode() for i in range(1000)]
     assert results[1000:2000] == list(range(1000))
     assert len(set(results[2000:])) <= 2  # the pool size: 2,100 calls shared <= two sockets
+
+
+async def test_a_call_on_an_idle_connection_is_written_at_once(redis: RedisServer) -> None:
+    """Nothing in flight: the command leaves before the event loop turns again (the
+    reply is readable on the socket while this test holds the loop); a call made
+    while it is out waits for the turn, batched with the others of that turn."""
+    conn = await open_connection("127.0.0.1", redis.port, ConnectOptions(timeout=5.0))
+    try:
+        sock = conn._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        first = conn.send(("ECHO", "first"))
+        # Blocking wait, the loop held: only a command already written gets an answer.
+        readable, _, _ = select.select([sock.fileno()], [], [], 5.0)
+        assert readable, "the call on an idle connection was not written before the loop turned"
+        second, third = conn.send(("ECHO", "second")), conn.send(("ECHO", "third"))
+        assert conn._wbuf, "calls made while one is in flight are batched"
+        assert await asyncio.gather(first, second, third) == [b"first", b"second", b"third"]
+        assert await conn.call("ECHO", "again") == b"again"  # idle again: at once, in order
+    finally:
+        await conn.close()
 
 
 async def test_error_replies_raise_and_keep_order(client: RedisBackend) -> None:
