@@ -20,6 +20,7 @@ the limiter's rejection and breaker callbacks (``proxy.events.wiring``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import time
@@ -173,6 +174,11 @@ class Runtime:
                     self.path,
                 )
         self.snapshot = self._build(new, old.upstreams)
+        if gc.get_freeze_count():
+            # The worker froze what startup built (``worker.tune_gc``), the first config
+            # with it; that config has reference cycles, so once replaced only the
+            # collector could free it. Unfrozen at the first config change (once).
+            gc.unfreeze()
         if self.notifier is not None:
             self.notifier.apply(new.notifications)
         elif new.notifications.webhooks:

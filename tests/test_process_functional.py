@@ -7,6 +7,7 @@ ports, started by ``tests.proc`` and stopped by PID in a finalizer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -21,6 +22,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.config import load
+from proxy.runtime import Runtime
+from proxy.worker import tune_gc
 from tests.proc import (
     CHUNK,
     Processes,
@@ -421,6 +425,33 @@ async def test_serving_worker_collects_garbage_rarely(start_sluice: StartSluice)
     young = after["0"] - before["0"]
     assert young <= 6, f"{young:g} young collections for 1,920 requests (untuned: ~50)"
     assert after["2"] - before["2"] == 0, "a full collection during 1,920 requests"
+
+
+async def test_first_config_change_unfreezes_what_startup_froze(
+    tmp_path: Path, upstream: UpstreamProcess
+) -> None:
+    """``tune_gc`` freezes the startup heap, the first config with it (it has cycles:
+    frozen, it could never be freed once replaced); a reload that replaces it unfreezes."""
+    main_port, admin_port = free_port(), free_port()
+    rules = tmp_path / "rules.yaml"
+    write_rules(rules, render_rules(main_port, admin_port, upstream.url, ROUTE_A))
+    runtime = Runtime(load(rules))
+    thresholds = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert runtime.reload()  # the same file: the config is kept, still frozen
+        assert gc.get_freeze_count() > 0
+        write_rules(
+            rules,
+            render_rules(main_port, admin_port, upstream.url, (*ROUTE_A, RouteSpec("b", "/b/"))),
+        )
+        assert runtime.reload()
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        await runtime.close()
 
 
 # ---------------------------------------------------------------- workers

@@ -14,7 +14,7 @@ import pytest
 from proxy.config import loads
 from proxy.limits.plans import checks_for, plan_rules
 from proxy.limits.scripts import CHECK_SHA, policy_args
-from proxy.limits.store import Check
+from proxy.limits.store import Check, ClientChecks
 from proxy.storage import redis_limits
 from proxy.storage.redis_client import ScriptCall, open_redis
 from proxy.storage.redis_limits import RedisLimitStore
@@ -72,7 +72,7 @@ async def test_a_clients_checks_are_packed_once_and_resent() -> None:
     store = RedisLimitStore(backend, cluster=False)  # type: ignore[arg-type]
     api = plan()
     checks = checks_for(api, "ip=10.0.0.1", 1)
-    assert type(checks) is tuple
+    assert type(checks) is ClientChecks
     for _ in range(3):
         (outcome,) = await store.decide(checks)
         assert outcome.allowed and outcome.remaining == 2
@@ -93,6 +93,8 @@ async def test_per_request_checks_are_not_kept_and_the_cache_is_bounded(
     assert type(weighted) is list
     await store.decide(weighted)
     assert backend.sent[-1][1] == expected(weighted)
+    assert store._packed == {}
+    await store.decide(tuple(checks_for(api, "ip=10.0.0.1", 1)))  # a plain tuple: not kept
     assert store._packed == {}
     for i in range(3):
         await store.decide(checks_for(api, f"ip=10.0.0.{i}", 1))

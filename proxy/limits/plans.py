@@ -22,7 +22,7 @@ from functools import lru_cache
 from proxy.config import Config, StorageConfig
 from proxy.limits.algorithms import Policy
 from proxy.limits.headers import policy_item, sf_string
-from proxy.limits.store import Check
+from proxy.limits.store import Check, ClientChecks
 from proxy.limitspec import LimitRule
 
 CHECKS_CACHE_MAX = 4096  # per rule: the latest clients' checks, built once (keys hashed once)
@@ -54,7 +54,7 @@ class RulePlan:
     tags: tuple[str, ...]  # per quota: "<rule>:<algorithm>:<fingerprint>", part of its key
     # Per client, this rule's checks at its configured cost (see ``checks_for``). A plan
     # lives as long as its config, so a reload starts afresh with the new policies.
-    checks: dict[str, tuple[Check, ...]] = field(default_factory=dict, compare=False, repr=False)
+    checks: dict[str, ClientChecks] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _fingerprint(policy: Policy) -> str:
@@ -133,10 +133,8 @@ def _key_prefix(client: str) -> str:
 
 def checks_for(plan: RulePlan, client: str, cost: int) -> Sequence[Check]:
     """The rule's checks for this client; at the rule's own cost they are built once
-    per client (the latest ``CHECKS_CACHE_MAX`` clients) and reused, as a tuple.
-    At another cost (``cost: header:…``) they are a list, built for the one request:
-    a store may keep what it derives from a tuple (the Redis store, its packed
-    command), never from a list."""
+    per client (the latest ``CHECKS_CACHE_MAX`` clients) and reused: ``ClientChecks``.
+    At another cost (``cost: header:…``) they are a list, built for the one request."""
     rule = plan.rule
     if cost != rule.cost:
         prefix = _key_prefix(client)
@@ -148,7 +146,7 @@ def checks_for(plan: RulePlan, client: str, cost: int) -> Sequence[Check]:
     if found is not None:
         return found
     prefix = _key_prefix(client)
-    made = tuple(
+    made = ClientChecks(
         Check(prefix + tag, policy, cost, rule.shadow)
         for tag, policy in zip(plan.tags, plan.policies, strict=True)
     )

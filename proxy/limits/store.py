@@ -27,6 +27,15 @@ class Check:
     shadow: bool = False
 
 
+class ClientChecks(tuple[Check, ...]):
+    """A rule's checks for one client at the rule's own cost, built once and kept by
+    the rule's plan (``plans.checks_for``) for every request of that client: a store
+    may keep what it derives from them (the Redis store: the packed command). Checks
+    built for one request are a plain list."""
+
+    __slots__ = ()
+
+
 class LimitStore(Protocol):
     """Decides checks atomically; raises ``StorageError`` when it cannot."""
 

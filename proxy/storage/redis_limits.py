@@ -31,12 +31,12 @@ from proxy.limits.scripts import (
     policy_args,
     refund_args,
 )
-from proxy.limits.store import Check
+from proxy.limits.store import Check, ClientChecks
 from proxy.storage.redis_client import RedisBackend, evalsha_command, open_redis
 from proxy.storage.redis_cluster import key_slot
 
 log = logging.getLogger("sluice.storage")
-PACKED_MAX = 4096  # packed EVALSHAs kept, one per client's checks (``plans.checks_for``)
+PACKED_MAX = 16_384  # packed EVALSHAs kept, one per ClientChecks (4,096 clients per rule)
 
 
 def pack_check(checks: Sequence[Check]) -> bytes:
@@ -53,9 +53,9 @@ class RedisLimitStore:
     def __init__(self, backend: RedisBackend, cluster: bool) -> None:
         self.backend = backend
         self.cluster = cluster
-        # By id: a tuple of checks is a rule's checks for one client, built once and
-        # reused for its requests (``plans.checks_for``), so its command is packed once
-        # too. The entry holds the tuple, so its id cannot be reused while cached.
+        # By id: ``ClientChecks`` are a rule's checks for one client, built once and
+        # reused for its requests (``plans.checks_for``), so their command is packed
+        # once too. The entry holds them, so their id cannot be reused while cached.
         self._packed: dict[int, tuple[Sequence[Check], bytes]] = {}
 
     @classmethod
@@ -69,9 +69,9 @@ class RedisLimitStore:
         return cls(backend, storage.scheme == "redis+cluster")
 
     def _packed_for(self, checks: Sequence[Check]) -> bytes:
-        """``pack_check(checks)``, kept for tuples (long-lived: see ``__init__``);
-        a list is one request's own and packed afresh."""
-        if type(checks) is not tuple:
+        """``pack_check(checks)``, kept for ``ClientChecks`` (see ``__init__``); other
+        checks are one request's own and packed afresh."""
+        if type(checks) is not ClientChecks:
             return pack_check(checks)
         found = self._packed.get(id(checks))
         if found is not None and found[0] is checks:
@@ -84,9 +84,10 @@ class RedisLimitStore:
         return packed
 
     async def _call(self, checks: Sequence[Check]) -> tuple[list[Outcome], list[str]]:
+        if not checks:
+            return [], []
         packed = self._packed_for(checks)
-        key = checks[0].key if checks else ""
-        reply = await self.backend.evalsha_packed(CHECK_SCRIPT, key, packed)
+        reply = await self.backend.evalsha_packed(CHECK_SCRIPT, checks[0].key, packed)
         try:
             return decode_reply([c.policy for c in checks], reply)
         except ValueError as exc:

@@ -152,7 +152,8 @@ class RedisConnection(asyncio.Protocol):
         return len(self._pending)
 
     def send(self, args: Command) -> asyncio.Future[Any]:
-        """Queue one command (written at the next loop turn); the future gets its reply."""
+        """Send one command: at once when nothing is in flight, else at the next loop
+        turn with the others of this turn (see the module doc); the future gets its reply."""
         # Packed before queuing, so a TypeError cannot skew the FIFO. (The stub wrongly
         # types the argument as a 1-tuple.)
         packed = args if type(args) is bytes else hiredis.pack_command(args)  # type: ignore[arg-type]
