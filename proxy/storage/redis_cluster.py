@@ -163,7 +163,8 @@ class ClusterRedis:
             try:
                 if script is not None:
                     return await pool.call_script(script, command, asking=asking)
-                assert isinstance(command, tuple), "only scripts are sent packed"
+                if isinstance(command, bytes):
+                    raise TypeError("only scripts are sent packed")
                 if asking:
                     return await pool.call_asking(*command)
                 return await pool.call(*command)
