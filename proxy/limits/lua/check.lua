@@ -33,10 +33,16 @@ if #ARGV ~= 2 + width * #KEYS then
   return redis.error_reply('ERR sluice: expected ' .. width .. ' arguments per key')
 end
 
-local seen, checks, admitted = {}, {}, true
-for i, key in ipairs(KEYS) do
-  if seen[key] then return redis.error_reply('ERR sluice: duplicate key ' .. key) end
-  seen[key] = true
+local n = #KEYS
+local algos, checks, admitted = {}, {}, true
+local seen = nil  -- duplicate-key guard, needed only with several keys
+if n > 1 then seen = {} end
+for i = 1, n do
+  local key = KEYS[i]
+  if seen then
+    if seen[key] then return redis.error_reply('ERR sluice: duplicate key ' .. key) end
+    seen[key] = true
+  end
   local at = 2 + (i - 1) * width
   local code = tonumber(ARGV[at + 1])
   local shadow = code ~= nil and code < 0
@@ -56,38 +62,38 @@ for i, key in ipairs(KEYS) do
     cost = 0
   end
   local v = algorithm.check(key, now, cost, limit, window, burst)
-  v.algorithm = algorithm
-  checks[i] = v
+  algos[i], checks[i] = algorithm, v
   admitted = admitted and (v.allowed or shadow)
 end
 
 if admitted and not refunding then
-  for i, key in ipairs(KEYS) do
-    if checks[i].allowed then checks[i].algorithm.commit(key, checks[i]) end
+  for i = 1, n do
+    if checks[i].allowed then algos[i].commit(KEYS[i], checks[i]) end
   end
 elseif not refunding then
   -- Denied: nothing was consumed, so a check that would have allowed reports its
   -- standing as it is (a cost-0 check), not as if this request had been charged.
-  for i, key in ipairs(KEYS) do
+  for i = 1, n do
     if checks[i].allowed then
       local at = 2 + (i - 1) * width
-      local v = checks[i].algorithm.check(key, now, 0, tonumber(ARGV[at + 3]),
+      checks[i] = algos[i].check(KEYS[i], now, 0, tonumber(ARGV[at + 3]),
         math.floor(tonumber(ARGV[at + 4]) * 1000 + 0.5), tonumber(ARGV[at + 5]))
-      v.algorithm = checks[i].algorithm
-      checks[i] = v
     end
   end
 end
 
-local reply = {}
-for _, v in ipairs(checks) do
+local reply, keep = {}, admitted and not refunding
+for i = 1, n do
+  local v, at = checks[i], (i - 1) * 5
   local allowed, token = 0, ''
-  if v.allowed then allowed = 1 end
-  if admitted and not refunding and v.allowed then token = v.token end
-  reply[#reply + 1] = allowed
-  reply[#reply + 1] = math.max(0, v.remaining)
-  reply[#reply + 1] = v.reset
-  reply[#reply + 1] = v.retry
-  reply[#reply + 1] = token
+  if v.allowed then
+    allowed = 1
+    if keep then token = v.token end
+  end
+  reply[at + 1] = allowed
+  reply[at + 2] = math.max(0, v.remaining)
+  reply[at + 3] = v.reset
+  reply[at + 4] = v.retry
+  reply[at + 5] = token
 end
 return reply

@@ -18,7 +18,12 @@ local function verdict(allowed, remaining, reset, retry, token)
   return {allowed = allowed, remaining = remaining, reset = reset, retry = retry, token = token}
 end
 
--- Every written key expires once its state has become equivalent to no state.
+-- Every written key expires once its state has become equivalent to no state:
+-- ttl_us from now, in whole ms rounded up (at least 1).
+local function ttl_ms(ttl_us)
+  return math.max(1, math.ceil(ttl_us / 1000))
+end
+
 local function expire(key, ttl_us)
-  redis.call('PEXPIRE', key, math.max(1, math.ceil(ttl_us / 1000)))
+  redis.call('PEXPIRE', key, ttl_ms(ttl_us))
 end

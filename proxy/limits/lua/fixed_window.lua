@@ -1,5 +1,7 @@
 -- Fixed window anchored at the key's first admitted request.
--- Stored: hash {s = window start (us), n = count}.
+-- Stored: hash {s = window start (us), n = count}. The key expires when its
+-- window ends, a moment fixed when the window opens: only the request that
+-- opens a window sets the TTL (one PEXPIRE per window, not per request).
 -- Built by the driver on first use in a call (check.lua: only the algorithms
 -- a call names pay for their closures).
 local function fixed_window_module()
@@ -24,11 +26,12 @@ local function fixed_window_module()
       return verdict(false, limit - count, reset, window, '')
     end
     if count + cost <= limit then
+      local opens = count == 0  -- no live window: this request opens one
       count = count + cost
       local reset = 0
       if count > 0 then reset = start + window - now end
       local v = verdict(true, limit - count, reset, 0, token)
-      v.start, v.count, v.ttl = start, count, start + window - now
+      v.start, v.count, v.ttl, v.opens = start, count, start + window - now, opens
       return v
     end
     return verdict(false, limit - count, start + window - now, start + window - now, '')
@@ -36,7 +39,7 @@ local function fixed_window_module()
 
   function fixed_window.commit(key, v)
     redis.call('HSET', key, 's', fmt(v.start), 'n', fmt(v.count))
-    expire(key, v.ttl)
+    if v.opens then expire(key, v.ttl) end
   end
 
   function fixed_window.refund(key, now, cost, limit, window, burst, token)

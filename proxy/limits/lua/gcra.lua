@@ -18,8 +18,8 @@ local function gcra_module()
 
   local function gcra_store(key, now, limit, debt)
     local whole = math.floor(debt / limit)
-    redis.call('SET', key, fmt(now + whole) .. ':' .. fmt(debt - whole * limit))
-    expire(key, math.ceil(debt / limit))
+    redis.call('SET', key, fmt(now + whole) .. ':' .. fmt(debt - whole * limit),
+      'PX', ttl_ms(math.ceil(debt / limit)))
   end
 
   function gcra.check(key, now, cost, limit, window, burst)
