@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import Upstream
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, histogram_observe
 from proxy.replies import json_error
 
 log = logging.getLogger("sluice.forward")
@@ -109,7 +109,7 @@ class UpstreamClient:
             skip_auto_headers=SKIP_AUTO,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        self._latency = metrics.upstream_latency.labels(upstream.name)
+        self._latency = histogram_observe(metrics.upstream_latency.labels(upstream.name))
 
     async def close(self) -> None:
         await self.session.close()
@@ -194,7 +194,7 @@ class UpstreamClient:
                 )
         else:  # pragma: no cover - the loop always breaks or returns
             raise AssertionError
-        self._latency.observe(time.perf_counter() - started)
+        self._latency(time.perf_counter() - started)
         try:
             return await self._relay(request, upstream_response, extra_headers)
         finally:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -112,7 +114,9 @@ class MainHandler:
             return json_error(404, "no_upstream", f"route {route.name} forwards nowhere")
         extra: dict[str, str] | None = None
         if route.limits or snap.candidate is not None:
-            verdict = await self._limit(request, snap, route, request, note)
+            verdict = await self._limit(request, snap, route, request)
+            if note is not None:
+                note.decided(verdict.decisions)
             if verdict.status is not None:
                 return json_reply(verdict.status, verdict.body or {}, verdict.headers)
             extra = verdict.headers
@@ -128,14 +132,11 @@ class MainHandler:
         note.forwarded(route.upstream, relayed, time.perf_counter() - started)
         return response
 
-    async def _limit(
-        self,
-        request: web.BaseRequest,
-        snap: Snapshot,
-        route: Route,
-        view: RequestView,
-        note: AccessNote | None,
-    ) -> Verdict:
+    def _limit(
+        self, request: web.BaseRequest, snap: Snapshot, route: Route, view: RequestView
+    ) -> Coroutine[Any, Any, Verdict]:
+        """The limiter's decision on ``view`` (the limiter's own coroutine, handed over:
+        no frame of its own on every limited request's path)."""
         candidate = (
             snap.candidate.for_route(
                 view.method, view.path, view.headers.get("Host") or "", view.headers
@@ -143,7 +144,7 @@ class MainHandler:
             if snap.candidate is not None
             else None
         )
-        verdict = await self.runtime.limiter.check(
+        return self.runtime.limiter.check(
             snap.config,
             snap.plans,
             route.limits,
@@ -153,9 +154,6 @@ class MainHandler:
             route.headers,
             candidate,
         )
-        if note is not None:
-            note.decided(verdict.decisions)
-        return verdict
 
     async def _decide_listener(
         self, request: web.BaseRequest, snap: Snapshot, note: AccessNote | None
@@ -181,7 +179,9 @@ class MainHandler:
         decide: DecideConfig,
         note: AccessNote | None,
     ) -> web.StreamResponse:
-        verdict = await self._limit(request, snap, route, described, note)
+        verdict = await self._limit(request, snap, route, described)
+        if note is not None:
+            note.decided(verdict.decisions)
         if verdict.status is None:
             return web.Response(status=200, text="allowed\n", headers=verdict.headers)
         status = decide.deny_status if verdict.status == 429 else verdict.status

@@ -31,7 +31,7 @@ from proxy.limits.identity import RequestView, client_ip, identify
 from proxy.limits.plans import CandidateRules, RulePlan, checks_for
 from proxy.limits.store import Check, LimitStore, MemoryLimitStore
 from proxy.limitspec import LimitRule
-from proxy.metrics import Children, Metrics
+from proxy.metrics import Children, Metrics, counter_inc, histogram_observe
 
 log = logging.getLogger("sluice.limits")
 DENY_CACHE_MAX = 100_000
@@ -76,6 +76,11 @@ class _Pending:
 def _tag(key: str) -> str:
     """A key's ``{hash tag}`` (its Cluster slot)."""
     return key[key.find("{") : key.find("}") + 1]
+
+
+def _checks_of(pending: list[_Pending]) -> Sequence[Check]:
+    """All checks of one request, in rule order (one rule's own, as kept, when alone)."""
+    return pending[0].checks if len(pending) == 1 else [c for p in pending for c in p.checks]
 
 
 def _live(verdict: Verdict) -> str:
@@ -186,7 +191,7 @@ class Limiter:
         self._decisions = Children(metrics.decisions)
         self._cache_hits = Children(metrics.deny_cache_hits)
         self._incs: dict[tuple[str, str], Callable[[], None]] = {}
-        self._latency = metrics.storage_latency.labels("ratelimit")
+        self._latency = histogram_observe(metrics.storage_latency.labels("ratelimit"))
         self._last_log = 0.0
 
     @property
@@ -279,7 +284,6 @@ class Limiter:
         ``candidate``, what-if rules decided beside the live ones (never the answer)."""
         pending: list[_Pending] = []
         ip: str | None = None
-        now = self.clock()
         for name in rule_names:
             plan = plans[name]
             rule = plan.rule
@@ -298,6 +302,7 @@ class Limiter:
             if not rule.shadow and self.deny_cache:
                 cached = self.deny_cache.get((rule.name, client, cost))
                 if cached is not None:
+                    now = self.clock()
                     if cached[0] > now:
                         if candidate is not None:  # no store call: the candidate is not asked
                             self._whatif_requests("rejected", "not_evaluated").inc()
@@ -307,7 +312,11 @@ class Limiter:
         if candidate is None:
             if not pending:
                 return ALLOW
-            return await self._decide(pending, headers, route)
+            # ``_decide`` without a candidate, inlined: one coroutine less per request.
+            outcomes = await self._call(_checks_of(pending))
+            if outcomes is None:
+                return self._degraded(pending, headers, route)
+            return self._verdict(pending, outcomes, headers, route)
         if ip is None:  # the client address as the live config sees it (its proxies)
             ip = client_ip(peer, request.headers, config.clients.trusted_proxies)
         shadow = _candidate_pending(candidate, request, ip)
@@ -325,10 +334,7 @@ class Limiter:
         shadow: tuple[CandidateRules, list[_Pending]] | None = None,
     ) -> Verdict:
         if shadow is None:
-            checks = (
-                pending[0].checks if len(pending) == 1 else [c for p in pending for c in p.checks]
-            )
-            outcomes = await self._call(checks)
+            outcomes = await self._call(_checks_of(pending))
             if outcomes is None:
                 return self._degraded(pending, headers, route)
             return self._verdict(pending, outcomes, headers, route)
@@ -361,6 +367,20 @@ class Limiter:
 
     async def _call(self, checks: Sequence[Check]) -> list[Outcome] | None:
         """One store call behind its breaker(s); None when it failed or was not made."""
+        breaker = self.breaker
+        if self._node_of is None and breaker.state == "closed":
+            # The common case, without the per-master bookkeeping below: one store,
+            # its breaker closed (so no probe to free if this call is cancelled).
+            started = time.perf_counter()
+            try:
+                outcomes = await self.store.decide(checks)
+            except StorageError as exc:
+                self._storage_failed(exc, self._store_breakers)
+                return None
+            self.storage_calls += 1
+            self._latency(time.perf_counter() - started)
+            breaker.success()
+            return outcomes
         breakers = self._breakers_for(checks)
         probes: list[Breaker] = []  # half-open breakers whose one probe this call is
         for breaker in breakers.values():
@@ -381,7 +401,7 @@ class Limiter:
                 probe.abandon()
             raise
         self.storage_calls += 1
-        self._latency.observe(time.perf_counter() - started)
+        self._latency(time.perf_counter() - started)
         for breaker in breakers.values():
             breaker.success()
         return outcomes
@@ -455,7 +475,7 @@ class Limiter:
         ``inc`` is kept per label pair: no label validation on the request path)."""
         inc = self._incs.get((rule, result))
         if inc is None:
-            inc = self._incs[(rule, result)] = self._decisions(rule, result).inc
+            inc = self._incs[(rule, result)] = counter_inc(self._decisions(rule, result))
         inc()
 
     def _verdict(

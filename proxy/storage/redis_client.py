@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from proxy.storage.errors import ReadOnlyError, StorageError, StorageUnavailable
@@ -62,10 +62,11 @@ class RedisBackend(Protocol):
         ``keys`` must share a slot (Redis answers CROSSSLOT otherwise)."""
         ...
 
-    async def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Any:
+    def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Awaitable[Any]:
         """``evalsha`` of a command already packed (``evalsha_command`` then
         ``hiredis.pack_command``), for a caller that sends it many times; ``key``
-        (one of its keys) routes it in a cluster."""
+        (one of its keys) routes it in a cluster. (An awaitable, not necessarily a
+        coroutine of its own: on the hot path a backend may hand over its pool's.)"""
         ...
 
     async def evalsha_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
@@ -123,8 +124,8 @@ class StandaloneRedis:
     ) -> Any:
         return await self._pool.call_script(script, evalsha_command(sha, keys, args))
 
-    async def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Any:
-        return await self._pool.call_script(script, packed)
+    def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Awaitable[Any]:
+        return self._pool.call_script(script, packed)  # no coroutine of its own: hot path
 
     async def evalsha_many(self, calls: Sequence[ScriptCall]) -> list[Any]:
         return await _gather_scripts(self, calls)

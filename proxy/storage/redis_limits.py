@@ -88,6 +88,10 @@ class RedisLimitStore:
             return [], []
         packed = self._packed_for(checks)
         reply = await self.backend.evalsha_packed(CHECK_SCRIPT, checks[0].key, packed)
+        return self._decode(checks, reply)
+
+    @staticmethod
+    def _decode(checks: Sequence[Check], reply: Any) -> tuple[list[Outcome], list[str]]:
         try:
             return decode_reply([c.policy for c in checks], reply)
         except ValueError as exc:
@@ -110,7 +114,12 @@ class RedisLimitStore:
                 groups.setdefault(key_slot(check.key), []).append(i)
             if len(groups) > 1:
                 return await self._decide_across_slots(checks, list(groups.values()))
-        return (await self._call(checks))[0]
+        if not checks:
+            return []
+        # ``_call`` inlined: one coroutine less on every request's path.
+        packed = self._packed_for(checks)
+        reply = await self.backend.evalsha_packed(CHECK_SCRIPT, checks[0].key, packed)
+        return self._decode(checks, reply)[0]
 
     async def _decide_across_slots(
         self, checks: Sequence[Check], groups: list[list[int]]
