@@ -37,7 +37,14 @@ from proxy.limits.algorithms import (
     refund,
     ttl_ms,
 )
-from proxy.limits.scripts import CHECK_SCRIPT, CHECK_SHA, check_args, decode_reply, refund_args
+from proxy.limits.scripts import (
+    CHECK_SCRIPT,
+    CHECK_SHA,
+    check_args,
+    decode_one,
+    decode_reply,
+    refund_args,
+)
 from tests.servers import RedisServer
 
 T0_US = 1_700_000_000_000_000
@@ -290,3 +297,8 @@ def test_encoding_is_pure() -> None:
         decode_reply([p, p], reply)
     with pytest.raises(ValueError, match="unexpected reply"):
         decode_reply([p], [0, 3, b"12.5", 1, b""])  # times are integer µs, never text
+    # decode_one: the same outcome for one check (as a list or a tuple), the same errors
+    assert decode_one(p, reply) == decode_one(p, tuple(reply)) == Outcome(False, 10, 3, 12.5, 0.001)
+    for bad in ([0, 3, b"12.5", 1, b""], [0, 3, 12_500, 1], [1, 3, 12_500, 1, b"", 0], b"OK", None):
+        with pytest.raises(ValueError, match="unexpected reply"):
+            decode_one(p, bad)

@@ -104,6 +104,16 @@ def _token(value: object) -> str:
     return str(value)
 
 
+def decode_one(policy: Policy, reply: object) -> Outcome:
+    """``decode_reply`` of one check in check mode, without its token: a request's
+    decision needs no token (only a refund across Cluster slots does)."""
+    if type(reply) is list and len(reply) == REPLY_FIELDS:
+        allowed, remaining, reset_us, retry_us, _ = reply
+        if type(allowed) is type(remaining) is type(reset_us) is type(retry_us) is int:
+            return Outcome(allowed == 1, policy.limit, remaining, reset_us / 1000, retry_us / 1000)
+    return decode_reply((policy,), reply)[0][0]  # raises its ValueError, or decodes a tuple
+
+
 def decode_reply(policies: Sequence[Policy], reply: object) -> tuple[list[Outcome], list[str]]:
     """The script's flat reply as one :class:`Outcome` and one token per check.
 

@@ -27,6 +27,7 @@ from proxy.limits.algorithms import Outcome
 from proxy.limits.scripts import (
     CHECK_SCRIPT,
     CHECK_SHA,
+    decode_one,
     decode_reply,
     policy_args,
     refund_args,
@@ -119,6 +120,11 @@ class RedisLimitStore:
         # ``_call`` inlined: one coroutine less on every request's path.
         packed = self._packed_for(checks)
         reply = await self.backend.evalsha_packed(CHECK_SCRIPT, checks[0].key, packed)
+        if len(checks) == 1:  # one quota, the common case: no token, no lists
+            try:
+                return [decode_one(checks[0].policy, reply)]
+            except ValueError as exc:
+                raise StorageError(f"unexpected script reply: {exc}") from exc
         return self._decode(checks, reply)[0]
 
     async def _decide_across_slots(
