@@ -12,6 +12,7 @@ import hiredis
 import pytest
 
 from proxy.config import loads
+from proxy.errors import StorageError
 from proxy.limits.plans import checks_for, plan_rules
 from proxy.limits.scripts import CHECK_SHA, policy_args
 from proxy.limits.store import Check, ClientChecks
@@ -101,6 +102,30 @@ async def test_per_request_checks_are_not_kept_and_the_cache_is_bounded(
     assert len(store._packed) == 2
     kept = [checks for checks, _ in store._packed.values()]
     assert kept == [checks_for(api, f"ip=10.0.0.{i}", 1) for i in (1, 2)]
+
+
+class Garbled(Recording):
+    """Answers every EVALSHA with a reply the script never gives."""
+
+    def __init__(self, reply: Any) -> None:
+        super().__init__()
+        self.reply = reply
+
+    async def evalsha_packed(self, script: bytes, key: str, packed: bytes) -> Any:
+        return self.reply
+
+
+@pytest.mark.parametrize(
+    "reply", [[1, 2, b"60000000", 0, b""], [1, 2, 60_000_000, 0], b"OK", None, 7]
+)
+@pytest.mark.parametrize("quotas", [1, 2])
+async def test_a_reply_the_script_never_gives_is_a_storage_error(reply: Any, quotas: int) -> None:
+    """So the engine counts it against the breaker and applies on_storage_error, for one
+    check (decoded without lists) as for several."""
+    store = RedisLimitStore(Garbled(reply), cluster=False)  # type: ignore[arg-type]
+    checks = checks_for(plan(), "ip=10.0.0.1", 1)
+    with pytest.raises(StorageError, match="unexpected script reply"):
+        await store.decide(list(checks) * quotas)
 
 
 @pytest.fixture

@@ -59,7 +59,10 @@ class RulePlan:
 
 def _fingerprint(policy: Policy) -> str:
     """Stored state is in units of its policy: a changed limit or window gets fresh keys
-    rather than misreading the old state."""
+    rather than misreading the old state. The check script relies on this too: a fixed
+    window's or a window counter's key gets its TTL when its window opens and keeps it
+    (``lua/fixed_window.lua``), which is right only while the key's window never
+    changes. (24 bits: a changed policy reusing a key takes a 1-in-16-million clash.)"""
     text = f"{policy.limit}/{policy.window_ms!r}/{policy.burst}"
     return hashlib.blake2b(text.encode(), digest_size=3).hexdigest()
 

@@ -1,7 +1,9 @@
 -- Fixed window anchored at the key's first admitted request.
 -- Stored: hash {s = window start (us), n = count}. The key expires when its
 -- window ends, a moment fixed when the window opens: only the request that
--- opens a window sets the TTL (one PEXPIRE per window, not per request).
+-- opens a window sets the TTL (one PEXPIRE per window, not per request). This
+-- assumes a key's window never changes: its name carries the policy's
+-- fingerprint (plans._fingerprint).
 -- Built by the driver on first use in a call (check.lua: only the algorithms
 -- a call names pay for their closures).
 local function fixed_window_module()

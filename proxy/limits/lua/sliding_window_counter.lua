@@ -3,7 +3,8 @@
 -- scaled by window so it stays integer. Stored: hash {k = window index,
 -- c = current count, p = previous count}. The key expires two windows after
 -- its index's window opens, a moment fixed by the index: the TTL is set when
--- the stored index changes, not on every request.
+-- the stored index changes, not on every request (a key's window never
+-- changes: its name carries the policy's fingerprint, plans._fingerprint).
 -- Built by the driver on first use in a call (check.lua: only the algorithms
 -- a call names pay for their closures).
 local function sliding_window_counter_module()
