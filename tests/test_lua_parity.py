@@ -12,7 +12,7 @@ key's PTTL (within 5 ms), read on Redis's real clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -219,18 +219,23 @@ steps = st.tuples(
 )
 
 
-@settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
+Step = tuple[int, list[int], list[int], int | None, list[bool]]
+# Four random policies and a timeline of steps over them (client: a per-test fixture).
+random_timelines = given(
     pols=st.lists(policies(), min_size=4, max_size=4),
     timeline=st.lists(steps, min_size=1, max_size=40),
 )
-def test_script_matches_python(
-    client: Redis,
-    pols: list[Policy],
-    timeline: list[tuple[int, list[int], list[int], int | None, list[bool]]],
-) -> None:
+
+
+def examples(n: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    return settings(
+        max_examples=n, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+
+
+@examples(200)
+@random_timelines
+def test_script_matches_python(client: Redis, pols: list[Policy], timeline: list[Step]) -> None:
     client.flushdb()
     twins, now, done = Twins(client, pols), T0_US, list[Admitted]()
     for advance, idx, costs, refund_pick, shadow in timeline:
@@ -241,17 +246,10 @@ def test_script_matches_python(
             done.append(admitted)
 
 
-@settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    pols=st.lists(policies(), min_size=4, max_size=4),
-    timeline=st.lists(steps, min_size=1, max_size=40),
-)
+@examples(100)
+@random_timelines
 def test_every_key_the_script_leaves_has_a_ttl(
-    client: Redis,
-    pols: list[Policy],
-    timeline: list[tuple[int, list[int], list[int], int | None, list[bool]]],
+    client: Redis, pols: list[Policy], timeline: list[Step]
 ) -> None:
     """Without the parity test's PERSIST after each call: whatever the windows, clock
     steps and refunds, no key is ever left without a TTL (idle clients cost nothing),
