@@ -367,23 +367,11 @@ class Limiter:
 
     async def _call(self, checks: Sequence[Check]) -> list[Outcome] | None:
         """One store call behind its breaker(s); None when it failed or was not made."""
-        breaker = self.breaker
-        if self._node_of is None and breaker.state == "closed":
-            # The common case, without the per-master bookkeeping below: one store,
-            # its breaker closed (so no probe to free if this call is cancelled).
-            started = time.perf_counter()
-            try:
-                outcomes = await self.store.decide(checks)
-            except StorageError as exc:
-                self._storage_failed(exc, self._store_breakers)
-                return None
-            self.storage_calls += 1
-            self._latency(time.perf_counter() - started)
-            breaker.success()
-            return outcomes
-        breakers = self._breakers_for(checks)
+        breakers = self._store_breakers if self._node_of is None else self._breakers_for(checks)
         probes: list[Breaker] = []  # half-open breakers whose one probe this call is
         for breaker in breakers.values():
+            if breaker.state == "closed":  # the common case: nothing to ask
+                continue
             if not breaker.allow():
                 for probe in probes:
                     probe.abandon()

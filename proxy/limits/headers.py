@@ -93,7 +93,7 @@ def _render_one(
     headers: dict[str, str], label: str, policy: str, outcome: Outcome, families: Sequence[str]
 ) -> None:
     remaining = str(outcome.remaining)
-    reset = str(max(0, math.ceil(outcome.reset_ms / 1000 - 1e-9)))  # _seconds, inlined
+    reset = str(_seconds(outcome.reset_ms))
     if "x-ratelimit" in families:
         headers["X-RateLimit-Limit"] = str(outcome.limit)
         headers["X-RateLimit-Remaining"] = remaining

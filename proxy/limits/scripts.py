@@ -132,7 +132,7 @@ def decode_reply(policies: Sequence[Policy], reply: object) -> tuple[list[Outcom
             raise ValueError(f"unexpected reply for 1 check: {reply!r}")
         limit = policies[0].limit
         return [Outcome(allowed == 1, limit, remaining, reset_us / 1000, retry_us / 1000)], [
-            token.decode() if type(token) is bytes else _token(token)
+            _token(token)
         ]
     at = 0
     for policy in policies:
